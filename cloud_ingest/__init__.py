@@ -1,0 +1,1 @@
+"""The cloud consumer deployment: Ray actors that drain, verify and process chunks."""

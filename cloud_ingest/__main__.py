@@ -1,0 +1,3 @@
+from cloud_ingest.cli import main
+
+raise SystemExit(main())

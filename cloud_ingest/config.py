@@ -1,0 +1,70 @@
+"""Cloud configuration: ``INGEST_*`` environment variables (contract names)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, StringConstraints, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.settings import read_secret
+
+Bucket = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+
+
+class IngestSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INGEST_", extra="ignore", frozen=True)
+
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    stream: str = Field(default="chunks", min_length=1, max_length=200)
+    group: str = Field(default="ingest", min_length=1, max_length=200)
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    output_bucket: Bucket
+    output_prefix: str = "processed"
+    consumers: int = Field(default=2, ge=1, le=1024)
+    visibility_timeout_s: float = Field(default=60.0, gt=0)
+    max_deliveries: int = Field(default=5, ge=1, le=1000)
+    keyring: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    keyring_file: Path | None = None
+    http_bind: str = "127.0.0.1:9109"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] | None = None
+    batch_size: int = Field(default=8, ge=1, le=1000)
+    actor_concurrency: int = Field(default=2, ge=1, le=64)
+    actor_cpus: float = Field(default=1.0, ge=0)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    max_chunk_bytes: int = Field(default=512 * 1024**2, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_keyring(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        raw, source = data.get("keyring"), "INGEST_KEYRING"
+        if not raw:
+            path = data.get("keyring_file")
+            secret = read_secret(None, Path(path) if path else None, "keyring")
+            raw, source = (secret.get_secret_value() if secret else None), "INGEST_KEYRING_FILE"
+        if isinstance(raw, str):
+            try:
+                parsed = json.loads(raw)
+            except ValueError as exc:
+                raise ValueError(f"{source}: not valid JSON ({exc.msg})") from None
+            if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+                raise ValueError(f'{source}: expected a JSON object {{"key_id": "secret"}}')
+            data = {**data, "keyring": parsed}
+        return data
+
+    @model_validator(mode="after")
+    def _require_keys(self) -> IngestSettings:
+        if not self.keyring:
+            raise ValueError("INGEST_KEYRING (or INGEST_KEYRING_FILE) must name at least one key")
+        if self.visibility_timeout_s < 3:
+            raise ValueError("INGEST_VISIBILITY_TIMEOUT_S: must be at least 3 seconds")
+        return self
+
+    def secrets(self) -> dict[str, bytes]:
+        return {k: v.get_secret_value().encode() for k, v in self.keyring.items()}

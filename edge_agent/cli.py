@@ -1,0 +1,93 @@
+"""``edge-agent run | check-config``. The only place that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+from contextlib import AsyncExitStack
+
+import redis.asyncio as aioredis
+
+from edge_agent.capture import CameraError, Source
+from edge_agent.config import EdgeSettings
+from shared import logs
+from shared.s3 import open_s3
+from shared.settings import EX_CONFIG, ConfigError, load, redacted
+
+
+def _settings() -> EdgeSettings:
+    try:
+        return load(EdgeSettings)
+    except ConfigError as exc:
+        print(f"edge-agent: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+
+
+def _run() -> int:
+    from edge_agent.service import EdgeService
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(EdgeService(settings).run())
+    except Exception:
+        logs.get("edge_agent").exception("agent.fatal")
+        return 1
+
+
+def _check_config(probe: bool) -> int:
+    settings = _settings()
+    print(json.dumps(redacted(settings), indent=2, default=str))
+    if not probe:
+        return 0
+    problems = asyncio.run(_probe(settings))
+    for p in problems:
+        print(f"edge-agent: {p}", file=sys.stderr)
+    return EX_CONFIG if problems else 0
+
+
+async def _probe(settings: EdgeSettings) -> list[str]:
+    problems: list[str] = []
+    async with AsyncExitStack() as stack:
+        try:
+            s3 = await open_s3(stack, settings.s3_endpoint_url, settings.s3_region)
+            await s3.head_bucket(Bucket=settings.s3_bucket)
+        except Exception as exc:
+            problems.append(
+                f"EDGE_S3_BUCKET/EDGE_S3_ENDPOINT_URL: bucket "
+                f"{settings.s3_bucket!r} not reachable: {exc}"
+            )
+    client = aioredis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
+    try:
+        await client.ping()
+    except Exception as exc:
+        problems.append(f"EDGE_REDIS_URL: Redis not reachable: {type(exc).__name__}")
+    finally:
+        await client.aclose()
+    for cam in settings.cameras:
+        try:
+            await asyncio.to_thread(_open_and_close, cam.url, settings.camera_timeout_s)
+        except CameraError as exc:
+            problems.append(f"EDGE_CAMERAS: camera {cam.id!r}: {exc}")
+    return problems
+
+
+def _open_and_close(url: str, timeout_s: float) -> None:
+    Source(url, timeout_s, threading.Event()).close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the edge daemon")
+    check = sub.add_parser("check-config", help="validate and print the effective configuration")
+    check.add_argument(
+        "--offline", action="store_true", help="validate only; do not probe S3, Redis or cameras"
+    )
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run()
+    return _check_config(probe=not args.offline)

@@ -1,0 +1,84 @@
+"""Edge configuration: ``EDGE_*`` environment variables (contract names)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import read_secret
+
+Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class Camera(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Ident
+    url: str
+
+    @model_validator(mode="after")
+    def _scheme(self) -> Camera:
+        scheme = urlparse(self.url).scheme
+        if scheme not in {"rtsp", "rtsps", "http", "https", "file"}:
+            raise ValueError(f"camera {self.id!r}: unsupported URL scheme {scheme!r}")
+        return self
+
+
+class EdgeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGE_", extra="ignore", frozen=True)
+
+    device_id: Ident
+    site_id: Ident
+    cameras: list[Camera] = Field(default_factory=list)
+    cameras_file: Path | None = None
+    segment_seconds: float = Field(default=10.0, gt=0, le=600)
+    spool_dir: Path = Path("/var/lib/edge-agent/spool")
+    spool_max_bytes: int = Field(default=10 * 1024**3, gt=0)
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    s3_prefix: str = "raw"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    stream: str = Field(default="chunks", min_length=1, max_length=200)
+    signing_key_id: Ident = "edge"
+    signing_key: SecretStr | None = None
+    signing_key_file: Path | None = None
+    http_bind: str = "127.0.0.1:9108"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] | None = None
+    upload_concurrency: int = Field(default=4, ge=1, le=64)
+    drain_timeout_s: float = Field(default=20.0, gt=0)
+    camera_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cameras_from_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("cameras_file") and not data.get("cameras"):
+            path = Path(str(data["cameras_file"]))
+            try:
+                data = {**data, "cameras": json.loads(path.read_text())}
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"EDGE_CAMERAS_FILE: cannot read {path}: {exc}") from None
+        return data
+
+    @model_validator(mode="after")
+    def _resolve(self) -> EdgeSettings:
+        key = read_secret(self.signing_key, self.signing_key_file, "signing_key")
+        if key is None or not key.get_secret_value():
+            raise ValueError("EDGE_SIGNING_KEY (or EDGE_SIGNING_KEY_FILE) must be set")
+        object.__setattr__(self, "signing_key", key)
+        if not self.cameras:
+            raise ValueError("EDGE_CAMERAS (or EDGE_CAMERAS_FILE) must list at least one camera")
+        ids = [c.id for c in self.cameras]
+        if len(set(ids)) != len(ids):
+            raise ValueError("EDGE_CAMERAS: camera ids must be unique")
+        return self
+
+    def secret(self) -> bytes:
+        assert self.signing_key is not None  # resolved by the validator
+        return self.signing_key.get_secret_value().encode()

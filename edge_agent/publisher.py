@@ -1,0 +1,65 @@
+"""Manifests: built when a chunk is committed, signed and announced after its upload."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from edge_agent.config import EdgeSettings
+from edge_agent.segmenter import ClosedChunk
+from edge_agent.spool import Position
+from shared import __version__
+from shared.keys import chunk_key
+from shared.manifest import Manifest, derive_chunk_id, sign
+from shared.queue import publish
+
+# A chunk that starts within this much of where the previous one ended is contiguous.
+CONTIGUITY_TOLERANCE_S = 0.5
+
+
+def gap_before(chunk: ClosedChunk, prev: Position) -> float | None:
+    """Seconds missing before this chunk, or None when it is contiguous (or the first)."""
+    if chunk.session_start:
+        # New connection: media clocks restart, so only wall time can measure the gap.
+        if prev.wall_end is None:
+            return None
+        return max(0.0, (chunk.wall_start - prev.wall_end).total_seconds())
+    if prev.media_end_s is None:
+        return None
+    gap = chunk.media_start_s - prev.media_end_s
+    return gap if abs(gap) > CONTIGUITY_TOLERANCE_S else None
+
+
+def build_manifest(
+    settings: EdgeSettings, chunk: ClosedChunk, seq: int, prev: Position
+) -> Manifest:
+    gap = gap_before(chunk, prev)
+    return Manifest(
+        chunk_id=derive_chunk_id(settings.device_id, chunk.camera_id, seq, chunk.sha256),
+        device_id=settings.device_id,
+        site_id=settings.site_id,
+        camera_id=chunk.camera_id,
+        seq=seq,
+        bucket=settings.s3_bucket,
+        key=chunk_key(settings.s3_prefix, settings.site_id, chunk.camera_id, chunk.wall_start, seq),
+        size_bytes=chunk.size_bytes,
+        sha256=chunk.sha256,
+        container="mp4",
+        codec=chunk.codec,
+        width=chunk.width,
+        height=chunk.height,
+        frame_count=chunk.frame_count,
+        keyframe_count=chunk.keyframe_count,
+        start_time=chunk.wall_start,
+        end_time=chunk.wall_end,
+        media_start_s=chunk.media_start_s,
+        media_duration_s=max(0.0, chunk.media_end_s - chunk.media_start_s),
+        discontinuity=gap is not None,
+        gap_before_s=max(0.0, gap or 0.0),
+        agent_version=__version__,
+    )
+
+
+async def announce(client: aioredis.Redis, settings: EdgeSettings, manifest: Manifest) -> bytes:
+    """Sign with the current key (rotation-friendly) and XADD; returns the entry id."""
+    signed = sign(manifest, settings.signing_key_id, settings.secret())
+    return await publish(client, settings.stream, signed.to_fields())

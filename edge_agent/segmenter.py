@@ -1,0 +1,158 @@
+"""Keyframe-aligned chunking by remux only (no decode, no re-encode).
+
+A chunk opens on a keyframe and closes at the first keyframe at or past the
+segment length, so a long GOP makes a longer chunk rather than a cut mid-GOP.
+Chunks are fragmented MP4 (a fragment per GOP), written to a temp file and
+fsync'd; the spool then gives the file its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+
+FMP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedChunk:
+    """A finished, durable chunk file and what the manifest needs to know about it."""
+
+    camera_id: str
+    path: Path
+    sha256: str
+    size_bytes: int
+    codec: str
+    width: int
+    height: int
+    frame_count: int
+    keyframe_count: int
+    media_start_s: float
+    media_end_s: float
+    wall_start: datetime
+    wall_end: datetime
+    session_start: bool  # first chunk since the camera (re)connected
+
+
+def fsync_and_hash(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb+") as fh:
+        os.fsync(fh.fileno())
+        fh.seek(0)
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Writer:
+    """One open chunk file."""
+
+    def __init__(self, path: Path, template: Any, first: Any, time_base: Fraction) -> None:
+        self.path = path
+        self.container: Any = av.open(str(path), "w", format="mp4", options=FMP4_OPTIONS)
+        self.out = self.container.add_stream_from_template(template)
+        self.base = first.dts
+        self.time_base = time_base
+        self.start = first.pts if first.pts is not None else first.dts
+        self.end = self.start
+        self.frames = 0
+        self.keyframes = 0
+        self.wall_start = datetime.now(UTC)
+
+    def write(self, pkt: Any, frame_ticks: int) -> None:
+        pts = pkt.pts if pkt.pts is not None else pkt.dts
+        self.end = max(self.end, pts + (pkt.duration or frame_ticks))
+        self.frames += 1
+        self.keyframes += int(pkt.is_keyframe)
+        pkt.pts, pkt.dts = pts - self.base, pkt.dts - self.base
+        pkt.stream = self.out
+        self.container.mux(pkt)
+
+    def close(self) -> None:
+        self.container.close()
+
+
+class Segmenter:
+    """Feed it packets in order; it calls ``on_chunk`` with each closed chunk."""
+
+    def __init__(
+        self,
+        camera_id: str,
+        stream: Any,
+        tmp_dir: Path,
+        segment_s: float,
+        on_chunk: Callable[[ClosedChunk], None],
+    ) -> None:
+        self.camera_id = camera_id
+        self.stream = stream
+        self.tmp_dir = tmp_dir
+        self.time_base = Fraction(stream.time_base)
+        self.segment_ticks = Fraction(segment_s) / self.time_base
+        rate = stream.average_rate or stream.guessed_rate or 15
+        self.frame_ticks = max(1, int(1 / (Fraction(rate) * self.time_base)))
+        self.on_chunk = on_chunk
+        self.writer: _Writer | None = None
+        self.session_start = True
+        self.skipped = 0  # packets before the first keyframe or without a DTS
+
+    def feed(self, pkt: Any) -> None:
+        if pkt.dts is None:
+            self.skipped += 1
+            return
+        w = self.writer
+        if w is not None and pkt.is_keyframe and pkt.dts - w.base >= self.segment_ticks:
+            self.flush()
+            w = None
+        if w is None:
+            if not pkt.is_keyframe:
+                self.skipped += 1
+                return
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            path = self.tmp_dir / f"{self.camera_id}-{uuid.uuid4().hex}.mp4.partial"
+            w = self.writer = _Writer(path, self.stream, pkt, self.time_base)
+        w.write(pkt, self.frame_ticks)
+
+    def flush(self) -> None:
+        """Close the open chunk (if any) and hand it on."""
+        w, self.writer = self.writer, None
+        if w is None:
+            return
+        w.close()
+        sha, size = fsync_and_hash(w.path)
+        ctx = self.stream.codec_context
+        chunk = ClosedChunk(
+            camera_id=self.camera_id,
+            path=w.path,
+            sha256=sha,
+            size_bytes=size,
+            codec=str(ctx.name),
+            width=int(ctx.width),
+            height=int(ctx.height),
+            frame_count=w.frames,
+            keyframe_count=w.keyframes,
+            media_start_s=float(w.start * self.time_base),
+            media_end_s=float(w.end * self.time_base),
+            wall_start=w.wall_start,
+            wall_end=datetime.now(UTC),
+            session_start=self.session_start,
+        )
+        self.session_start = False
+        self.on_chunk(chunk)

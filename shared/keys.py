@@ -1,0 +1,40 @@
+"""Every object key and Redis key name, in one place.
+
+Object keys are derived only from validated fields, sort by time within a
+camera, and carry site, camera and date so lifecycle rules and prefix
+listings work.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from shared.manifest import Manifest
+
+
+def _join(prefix: str, *parts: str) -> str:
+    head = prefix.strip("/")
+    return "/".join([head, *parts]) if head else "/".join(parts)
+
+
+def _hour_path(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y/%m/%d/%H")
+
+
+def chunk_key(prefix: str, site_id: str, camera_id: str, start: datetime, seq: int) -> str:
+    """Raw chunk: ``{prefix}/{site}/{camera}/{YYYY}/{MM}/{DD}/{HH}/{start}-{seq}.mp4``."""
+    stamp = start.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return _join(prefix, site_id, camera_id, _hour_path(start), f"{stamp}-{seq:010d}.mp4")
+
+
+def record_key(prefix: str, manifest: Manifest) -> str:
+    """The per-chunk result record; its existence is the chunk's done marker."""
+    m = manifest
+    return _join(
+        prefix, "records", m.site_id, m.camera_id, _hour_path(m.start_time), f"{m.chunk_id}.json"
+    )
+
+
+def dlq_stream(stream: str) -> str:
+    """Dead letters of ``stream`` (contract name)."""
+    return f"{stream}:dlq"

@@ -1,0 +1,163 @@
+"""The chunk manifest: model, canonical serialisation, HMAC signing and verification.
+
+On the wire a manifest travels as three stream fields: ``manifest`` (the canonical
+JSON bytes), ``key_id`` and ``sig`` (hex HMAC-SHA256 over those exact bytes). The
+MAC is checked over the raw bytes before any JSON parsing, so a forged or garbled
+entry is refused without ever reaching the parser or the schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 16 * 1024
+SIGNATURE_ALG = "HMAC-SHA256"
+
+# Identifiers end up in object keys, Redis keys, file paths and log lines:
+# a conservative charset, no separators, bounded length.
+Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+HexDigest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ChunkId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+
+
+class Rejected(Exception):
+    """A manifest or chunk that can never succeed; carries a short machine-readable reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Manifest(BaseModel):
+    """One chunk of one camera, as announced by the edge after its upload was confirmed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    chunk_id: ChunkId
+    device_id: Ident
+    site_id: Ident
+    camera_id: Ident
+    seq: int = Field(ge=0)
+    bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    key: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    size_bytes: int = Field(ge=0)
+    sha256: HexDigest
+    container: Literal["mp4"]
+    codec: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
+    width: int = Field(ge=0, le=16384)
+    height: int = Field(ge=0, le=16384)
+    frame_count: int = Field(ge=0)
+    keyframe_count: int = Field(ge=0)
+    start_time: AwareDatetime
+    end_time: AwareDatetime
+    media_start_s: float
+    media_duration_s: float = Field(ge=0)
+    discontinuity: bool
+    gap_before_s: float = Field(ge=0)
+    agent_version: Annotated[str, StringConstraints(max_length=64)]
+
+
+class Signature(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: Ident
+    alg: Literal["HMAC-SHA256"] = SIGNATURE_ALG
+    mac: HexDigest
+
+
+class SignedManifest(BaseModel):
+    """A manifest with its signature: what the edge announces and the cloud verifies."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: Manifest
+    signature: Signature
+
+    def to_fields(self) -> dict[str, bytes]:
+        """The Redis Stream entry for this manifest."""
+        return {
+            "manifest": canonical_bytes(self.manifest),
+            "key_id": self.signature.key_id.encode(),
+            "sig": self.signature.mac.encode(),
+        }
+
+
+def derive_chunk_id(device_id: str, camera_id: str, seq: int, sha256: str) -> str:
+    """Stable id: the same chunk of the same camera always gets the same id."""
+    material = "\x00".join((device_id, camera_id, str(seq), sha256)).encode()
+    return hashlib.sha256(material).hexdigest()[:32]
+
+
+def canonical_bytes(manifest: Manifest) -> bytes:
+    """Deterministic JSON: sorted keys, no whitespace, ASCII only."""
+    doc = manifest.model_dump(mode="json")
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _mac(secret: bytes, payload: bytes) -> str:
+    return hmac.new(secret, payload, hashlib.sha256).hexdigest()
+
+
+def sign(manifest: Manifest, key_id: str, secret: bytes) -> SignedManifest:
+    mac = _mac(secret, canonical_bytes(manifest))
+    return SignedManifest(manifest=manifest, signature=Signature(key_id=key_id, mac=mac))
+
+
+def _field(fields: Mapping[bytes, bytes], name: str) -> bytes:
+    value = fields.get(name.encode())
+    if value is None:
+        raise Rejected("malformed", f"missing field {name!r}")
+    return value
+
+
+def verify_fields(fields: Mapping[bytes, bytes], keyring: Mapping[str, bytes]) -> SignedManifest:
+    """Authenticate a stream entry, then parse and validate it. Raises Rejected."""
+    payload = _field(fields, "manifest")
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise Rejected("oversized", f"{len(payload)} bytes > {MAX_MANIFEST_BYTES}")
+    key_id = _field(fields, "key_id").decode("ascii", errors="replace")
+    sig = _field(fields, "sig")
+    secret = keyring.get(key_id)
+    if secret is None:
+        raise Rejected("unknown_key", f"key_id {key_id[:64]!r} is not in the keyring")
+    if not hmac.compare_digest(_mac(secret, payload).encode(), sig):
+        raise Rejected("bad_signature", f"HMAC mismatch for key_id {key_id!r}")
+    manifest = parse_manifest(payload)
+    if canonical_bytes(manifest) != payload:
+        raise Rejected("malformed", "manifest is not in canonical form")
+    return SignedManifest(manifest=manifest, signature=Signature(key_id=key_id, mac=sig.decode()))
+
+
+def parse_manifest(payload: bytes) -> Manifest:
+    try:
+        doc: Any = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejected("malformed", f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise Rejected("malformed", "manifest is not a JSON object")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise Rejected("unsupported_schema", f"schema_version {version!r}")
+    try:
+        return Manifest.model_validate(doc)
+    except ValidationError as exc:
+        raise Rejected("invalid_schema", _summarise(exc)) from None
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
+    return "; ".join(parts)
+
+
+def utc_iso(ts: datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")

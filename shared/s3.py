@@ -1,0 +1,38 @@
+"""The S3 client both sides use: one long-lived aiobotocore client per process."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
+
+
+def s3_config() -> AioConfig:
+    return AioConfig(
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+    )
+
+
+async def open_s3(stack: AsyncExitStack, endpoint_url: str | None, region: str) -> Any:
+    """Enter one S3 client for the life of the process (or actor)."""
+    session = get_session()
+    return await stack.enter_async_context(
+        session.create_client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=s3_config()
+        )
+    )
+
+
+def is_not_found(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in (
+        "404",
+        "NoSuchKey",
+        "NotFound",
+        "NoSuchBucket",
+    )

@@ -1,0 +1,63 @@
+"""Settings helpers: load or fail naming the variable, secrets from files, redaction."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsError
+
+EX_CONFIG = 78  # sysexits.h; systemd units use RestartPreventExitStatus=78
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the variable and what is wrong."""
+
+
+def load(cls: type[S]) -> S:
+    """Build settings from the environment; raise ConfigError naming the variable."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    try:
+        return cls()
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation(exc, prefix)) from None
+    except SettingsError as exc:
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = f"{prefix}{match.group(1)}".upper() if match else prefix + "*"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigError(f"{name}: could not parse value (expected JSON){cause}") from None
+
+
+def _describe_validation(exc: ValidationError, prefix: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        var = f"{prefix}{loc[0]}".upper() if loc else prefix + "*"
+        where = f" (at {'.'.join(loc[1:])})" if len(loc) > 1 else ""
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "is required but not set"
+        lines.append(f"{var}{where}: {msg}" if loc else msg.removeprefix("Value error, "))
+    return "; ".join(lines)
+
+
+def read_secret(value: SecretStr | None, file: Path | None, credential: str) -> SecretStr | None:
+    """A secret from the variable, its ``*_FILE`` variant, or a systemd credential."""
+    if value is not None:
+        return value
+    if file is not None:
+        return SecretStr(file.read_text().strip())
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / credential).is_file():
+        return SecretStr((Path(cred_dir) / credential).read_text().strip())
+    return None
+
+
+def redacted(settings: BaseSettings) -> dict[str, Any]:
+    """The effective configuration for check-config output; SecretStr dumps as ``*****``."""
+    return settings.model_dump(mode="json")
