@@ -1,8 +1,9 @@
 """``cloud-ingest run``: connect to Ray, start the consumer actors, keep them alive, drain.
 
-The supervisor owns restarts (a dead actor is replaced by a new one with the
-same consumer name, which drains its predecessor's pending entries first); Ray's
-own retries stay off so the queue alone decides what is redelivered.
+Ray restarts a dead actor (``max_restarts=-1``; the constructor reruns) and the
+supervisor calls ``run()`` on it again; with the same consumer name it drains
+its predecessor's pending entries first. Task retries stay off
+(``max_task_retries=0``) so the queue alone decides what is redelivered.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Supervisor:
             name=f"{self.settings.group}-{self.consumer_name(index)}",
             namespace="cloud_ingest",
             num_cpus=self.settings.actor_cpus,
-            max_restarts=0,
+            max_restarts=-1,
+            max_task_retries=0,
             max_concurrency=64,
         ).remote(self.settings, self.consumer_name(index))
         self.actors[index] = actor
@@ -76,7 +78,7 @@ class Supervisor:
         except RayActorError as exc:
             log.warning("consumer.died", consumer=self.consumer_name(index), error=str(exc)[:300])
         self.restarts += 1
-        self.start(index)
+        self.runs[self.actors[index].run.remote()] = index
 
     def drain(self) -> int:
         log.info("deployment.draining")

@@ -55,18 +55,19 @@ class GroupConsumer:
         self.group = group
         self.name = name
         self.dlq = dlq_stream(stream)
-        self._own_pending_done = False
+        self._history: bytes | None = b"0"  # cursor through our own pending entries
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """Own pending entries first (a restarted consumer resumes its work), then new ones."""
-        if not self._own_pending_done:
-            entries = await self._xreadgroup("0", count, None)
+        if self._history is not None:
+            entries = await self._xreadgroup(self._history, count, None)
             if entries:
+                self._history = entries[-1].id
                 return await self._with_deliveries(entries)
-            self._own_pending_done = True
-        return await self._xreadgroup(">", count, block_ms)
+            self._history = None
+        return await self._xreadgroup(b">", count, block_ms)
 
-    async def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
+    async def _xreadgroup(self, start: bytes, count: int, block_ms: int | None) -> list[Entry]:
         reply = await self.client.xreadgroup(
             self.group, self.name, {self.stream: start}, count=count, block=block_ms
         )

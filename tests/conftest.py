@@ -1,0 +1,90 @@
+"""Session-wide real servers: redis-server, SeaweedFS S3, Ray, a GStreamer RTSP server.
+
+Started once per session on free loopback ports; each test gets a flushed Redis
+and its own buckets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.media import make_clip
+from devstack.servers import RedisServer, RtspServer, SeaweedS3
+from tests.support import S3, Stack, base_env
+
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(session_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(session_dir: Path) -> Iterator[SeaweedS3]:
+    os.environ.update({k: v for k, v in base_env().items() if k.startswith("AWS_")})
+    server = SeaweedS3(session_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=4, include_dashboard=False, namespace="cloud_ingest", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rtsp_server(session_dir: Path) -> Iterator[RtspServer]:
+    server = RtspServer(session_dir, {"cam1": None, "cam2": None})
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def clip(session_dir: Path) -> Path:
+    """6 s, 15 fps, 1 s GOP, H.264 with an AAC track: 90 video frames, 6 keyframes."""
+    return make_clip(session_dir / "clip.mp4", 6, audio=True)
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
+    client = aioredis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_server.url
+
+
+@pytest.fixture
+async def s3(s3_server: SeaweedS3) -> AsyncIterator[S3]:
+    async with S3(s3_server.endpoint) as helper:
+        yield helper
+
+
+@pytest.fixture
+async def stack(redis_url: str, s3: S3, ray_address: str, tmp_path: Path) -> Stack:
+    n = next(_bucket_ids)
+    raw, out = f"raw-{os.getpid()}-{n}", f"out-{os.getpid()}-{n}"
+    for b in (raw, out):
+        await s3.client.create_bucket(Bucket=b)
+    return Stack(redis_url, s3.endpoint, ray_address, raw, out, tmp_path)

@@ -1,0 +1,131 @@
+"""Bad configuration: exit 78 (EX_CONFIG) with a message naming the variable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import BIN, base_env
+
+GOOD_EDGE = {
+    "EDGE_DEVICE_ID": "dev-1",
+    "EDGE_SITE_ID": "site-1",
+    "EDGE_CAMERAS": json.dumps([{"id": "cam1", "url": "rtsp://127.0.0.1:1/x"}]),
+    "EDGE_S3_BUCKET": "raw-bucket",
+    "EDGE_SIGNING_KEY": "s3cr3t-signing-value",
+}
+GOOD_INGEST = {
+    "INGEST_OUTPUT_BUCKET": "out-bucket",
+    "INGEST_KEYRING": json.dumps({"k1": "s3cr3t-keyring-value"}),
+}
+
+
+def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, env={**base_env(), **env}, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "variable"),
+    [
+        ({"EDGE_CAMERAS": "[not json"}, "EDGE_CAMERAS"),
+        ({"EDGE_CAMERAS": json.dumps([{"id": "../x", "url": "rtsp://h/x"}])}, "EDGE_CAMERAS"),
+        ({"EDGE_CAMERAS": json.dumps([{"id": "c", "url": "ftp://h/x"}])}, "EDGE_CAMERAS"),
+        ({"EDGE_SEGMENT_SECONDS": "-5"}, "EDGE_SEGMENT_SECONDS"),
+        ({"EDGE_S3_BUCKET": ""}, "EDGE_S3_BUCKET"),
+        ({"EDGE_SIGNING_KEY": ""}, "EDGE_SIGNING_KEY"),
+        ({"EDGE_SPOOL_MAX_BYTES": "lots"}, "EDGE_SPOOL_MAX_BYTES"),
+    ],
+)
+def test_config_edge_check_config_names_the_bad_variable(
+    override: dict[str, str], variable: str
+) -> None:
+    env = {**GOOD_EDGE, **override}
+    if override.get("EDGE_S3_BUCKET") == "":
+        env.pop("EDGE_S3_BUCKET")
+    result = run([str(BIN / "edge-agent"), "check-config", "--offline"], env)
+    assert result.returncode == 78, result.stderr
+    assert variable in result.stderr
+
+
+def test_config_edge_run_exits_78_on_bad_config() -> None:
+    result = run([str(BIN / "edge-agent"), "run"], {**GOOD_EDGE, "EDGE_SEGMENT_SECONDS": "0"})
+    assert result.returncode == 78
+    assert "EDGE_SEGMENT_SECONDS" in result.stderr
+
+
+def test_config_edge_check_config_prints_effective_config_without_secrets() -> None:
+    env = {**GOOD_EDGE, "EDGE_REDIS_URL": "redis://:hunter2pass@127.0.0.1:6379/0"}
+    result = run([str(BIN / "edge-agent"), "check-config", "--offline"], env)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["device_id"] == "dev-1"
+    assert shown["cameras"][0]["id"] == "cam1"
+    assert "s3cr3t-signing-value" not in result.stdout + result.stderr
+    assert "hunter2pass" not in result.stdout + result.stderr
+
+
+def test_config_edge_secret_and_cameras_from_files(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("from-file-secret\n")
+    (tmp_path / "cams.json").write_text(json.dumps([{"id": "c9", "url": "file:///x.mp4"}]))
+    env = {k: v for k, v in GOOD_EDGE.items() if k not in ("EDGE_SIGNING_KEY", "EDGE_CAMERAS")}
+    env.update(
+        {
+            "EDGE_SIGNING_KEY_FILE": str(tmp_path / "key"),
+            "EDGE_CAMERAS_FILE": str(tmp_path / "cams.json"),
+        }
+    )
+    result = run([str(BIN / "edge-agent"), "check-config", "--offline"], env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["cameras"][0]["id"] == "c9"
+
+
+def test_config_edge_signing_key_from_systemd_credentials(tmp_path: Path) -> None:
+    (tmp_path / "signing_key").write_text("credential-secret")
+    env = {k: v for k, v in GOOD_EDGE.items() if k != "EDGE_SIGNING_KEY"}
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path)
+    result = run([str(BIN / "edge-agent"), "check-config", "--offline"], env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_config_edge_check_config_probe_reports_unreachable_services() -> None:
+    env = {
+        **GOOD_EDGE,
+        "EDGE_REDIS_URL": "redis://127.0.0.1:1/0",
+        "EDGE_S3_ENDPOINT_URL": "http://127.0.0.1:1",
+        "EDGE_CAMERA_TIMEOUT_S": "2",
+    }
+    result = run([str(BIN / "edge-agent"), "check-config"], env)
+    assert result.returncode == 78
+    for variable in ("EDGE_REDIS_URL", "EDGE_S3_BUCKET", "EDGE_CAMERAS"):
+        assert variable in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "variable"),
+    [
+        ({"INGEST_KEYRING": "{oops"}, "INGEST_KEYRING"),
+        ({"INGEST_KEYRING": "{}"}, "INGEST_KEYRING"),
+        ({"INGEST_OUTPUT_BUCKET": "Not_A_Bucket"}, "INGEST_OUTPUT_BUCKET"),
+        ({"INGEST_CONSUMERS": "0"}, "INGEST_CONSUMERS"),
+        ({"INGEST_MAX_DELIVERIES": "many"}, "INGEST_MAX_DELIVERIES"),
+    ],
+)
+def test_config_cloud_run_exits_78_naming_the_variable(
+    override: dict[str, str], variable: str
+) -> None:
+    result = run([str(BIN / "cloud-ingest"), "run"], {**GOOD_INGEST, **override})
+    assert result.returncode == 78, result.stderr
+    assert variable in result.stderr
+    assert "s3cr3t-keyring-value" not in result.stderr
+
+
+def test_config_cloud_missing_output_bucket_exits_78() -> None:
+    env = {"INGEST_KEYRING": GOOD_INGEST["INGEST_KEYRING"]}
+    result = run([str(BIN / "cloud-ingest"), "status"], env)
+    assert result.returncode == 78
+    assert "INGEST_OUTPUT_BUCKET" in result.stderr
