@@ -51,7 +51,7 @@ class IngestSettings(BaseSettings):
         if isinstance(raw, str):
             try:
                 parsed = json.loads(raw)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}: not valid JSON ({exc.msg})") from None
             if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
                 raise ValueError(f'{source}: expected a JSON object {{"key_id": "secret"}}')

@@ -49,7 +49,7 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         actor_cls = ray.remote(Consumer)
-        actor = actor_cls.options(
+        actor: Any = actor_cls.options(
             name=f"{self.settings.group}-{self.consumer_name(index)}",
             namespace="cloud_ingest",
             num_cpus=self.settings.actor_cpus,

@@ -40,9 +40,15 @@ def make_clip(
     n_frames = round(seconds * fps)
     with av.open(str(path), "w") as out:
         vs = out.add_stream(codec, rate=fps)
+        assert isinstance(vs, av.VideoStream)
         vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
         vs.time_base = Fraction(1, fps * 1000)
-        opts = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"}
+        opts: dict[str, object] = {
+            "g": str(gop),
+            "keyint_min": str(gop),
+            "sc_threshold": "0",
+            "bf": "0",
+        }
         if codec == "libx264":
             opts.update(
                 {"preset": "ultrafast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
@@ -58,6 +64,7 @@ def make_clip(
         if bitrate:
             vs.bit_rate = bitrate
         aus = out.add_stream("aac", rate=16000) if audio else None
+        assert aus is None or isinstance(aus, av.AudioStream)
         for i in range(n_frames):
             frame = av.VideoFrame.from_ndarray(_frame(i, width, height), format="rgb24")
             frame.pts = i * 1000

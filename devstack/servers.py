@@ -6,6 +6,7 @@ spawned; stop() sends SIGTERM, waits briefly, then SIGKILLs the group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -101,10 +102,8 @@ class Server:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def tail(path: Path, lines: int = 30) -> str:

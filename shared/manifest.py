@@ -42,7 +42,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     chunk_id: ChunkId
     device_id: Ident
     site_id: Ident
@@ -71,7 +71,7 @@ class Signature(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     key_id: Ident
-    alg: Literal["HMAC-SHA256"] = SIGNATURE_ALG
+    alg: Literal["HMAC-SHA256"] = "HMAC-SHA256"
     mac: HexDigest
 
 

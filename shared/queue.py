@@ -35,8 +35,8 @@ class ReapCursor:
 
 
 async def publish(client: aioredis.Redis, stream: str, fields: dict[str, bytes]) -> bytes:
-    entry_id: bytes = await client.xadd(stream, fields)  # type: ignore[arg-type]
-    return entry_id
+    entry_id: Any = await client.xadd(stream, fields)  # type: ignore[arg-type]
+    return bytes(entry_id)
 
 
 async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
@@ -68,7 +68,7 @@ class GroupConsumer:
         return await self._xreadgroup(b">", count, block_ms)
 
     async def _xreadgroup(self, start: bytes, count: int, block_ms: int | None) -> list[Entry]:
-        reply = await self.client.xreadgroup(
+        reply: Any = await self.client.xreadgroup(
             self.group, self.name, {self.stream: start}, count=count, block=block_ms
         )
         entries: list[Entry] = []

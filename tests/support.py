@@ -6,22 +6,20 @@ import asyncio
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from devstack import daemons
+from devstack.daemons import BIN, Daemon, log_events
+from devstack.s3 import S3
 from shared.keys import dlq_stream
-from shared.s3 import open_s3
 
-BIN = Path(sys.executable).parent
+__all__ = ["BIN", "S3", "Daemon", "log_events"]
 SECRET = "test-signing-secret"
 KEY_ID = "k1"
 
@@ -85,59 +83,12 @@ def base_env() -> dict[str, str]:
     }
 
 
-class Daemon:
-    """A daemon under test, run as its own process exactly as systemd would run it."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._fh = log.open("wb")
-        self.proc = subprocess.Popen(
-            argv, env=env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return log_events(self.log, name)
-
-    def terminate(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._fh.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._fh.close()
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def log_events(path: Path, name: str) -> list[dict[str, Any]]:
-    """The JSON log lines with ``event == name`` (Ray prefixes actor lines; skip to the '{')."""
-    out = []
-    for raw in path.read_text(errors="replace").splitlines():
-        start = raw.find("{")
-        if start < 0:
-            continue
-        try:
-            doc = json.loads(raw[start:])
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == name:
-            out.append(doc)
-    return out
-
-
 def edge_agent(stack: Stack, cameras: list[dict[str, str]], log: Path, **extra: str) -> Daemon:
-    return Daemon([str(BIN / "edge-agent"), "run"], stack.edge_env(cameras, **extra), log)
+    return daemons.edge_agent(stack.edge_env(cameras, **extra), log)
 
 
 def cloud_ingest(stack: Stack, log: Path, **extra: str) -> Daemon:
-    return Daemon([str(BIN / "cloud-ingest"), "run"], stack.ingest_env(**extra), log)
+    return daemons.cloud_ingest(stack.ingest_env(**extra), log)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
@@ -147,43 +98,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what:
             return
         await asyncio.sleep(0.25)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class S3:
-    """Thin async helper over a real aiobotocore client."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self._stack = AsyncExitStack()
-        self.client: Any = None
-
-    async def __aenter__(self) -> S3:
-        os.environ.update({k: v for k, v in base_env().items() if k.startswith("AWS_")})
-        self.client = await open_s3(self._stack, self.endpoint, "us-east-1")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
-
-    async def keys(self, bucket: str, prefix: str = "") -> list[str]:
-        keys: list[str] = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            keys.extend(o["Key"] for o in page.get("Contents", []))
-        return sorted(keys)
-
-    async def get(self, bucket: str, key: str) -> bytes:
-        resp = await self.client.get_object(Bucket=bucket, Key=key)
-        async with resp["Body"] as body:
-            data: bytes = await body.read()
-        return data
-
-    async def put(self, bucket: str, key: str, data: bytes) -> None:
-        await self.client.put_object(Bucket=bucket, Key=key, Body=data)
-
-    async def records(self, bucket: str) -> list[dict[str, Any]]:
-        keys = await self.keys(bucket, "processed/records/")
-        return [json.loads(await self.get(bucket, k)) for k in keys]
 
 
 async def queue_state(
