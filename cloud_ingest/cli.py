@@ -35,10 +35,19 @@ def _run() -> int:
         return 1
 
 
-async def _status(settings: IngestSettings, as_json: bool) -> int:
+async def _status(settings: IngestSettings, as_json: bool, interval: float) -> int:
     client = aioredis.from_url(settings.redis_url.get_secret_value())
     try:
         st = await status(client, settings.stream, settings.group)
+        rates = None
+        if interval > 0:  # rates from two samples of the stream's monotonic counters
+            await asyncio.sleep(interval)
+            later = await status(client, settings.stream, settings.group)
+            rates = {
+                "in_per_s": round((later.added - st.added) / interval, 2),
+                "out_per_s": round((later.read - st.read) / interval, 2),
+            }
+            st = later
     finally:
         await client.aclose()
     doc = {
@@ -49,12 +58,15 @@ async def _status(settings: IngestSettings, as_json: bool) -> int:
         "lag": st.lag,
         "dlq": st.dlq,
         "consumers": st.consumers,
+        "rates": rates,
     }
     if as_json:
         print(json.dumps(doc))
         return 0
     print(f"stream {settings.stream}  group {settings.group}")
     print(f"  length {st.length}  pending {st.pending}  lag {st.lag}  dlq {st.dlq}")
+    if rates:
+        print(f"  in {rates['in_per_s']}/s  out {rates['out_per_s']}/s")
     for c in st.consumers:
         print(f"  consumer {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
     return 0
@@ -66,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="run the consumer deployment on Ray")
     st = sub.add_parser("status", help="queue length, pending, lag, DLQ size, consumers")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between the two samples for rates (0: no rates)",
+    )
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run()
-    return asyncio.run(_status(_settings(), args.json))
+    return asyncio.run(_status(_settings(), args.json, args.interval))

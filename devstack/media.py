@@ -88,3 +88,16 @@ def _write_audio(
     frame.sample_rate = 16000
     frame.pts = i * samples
     out.mux(aus.encode(frame))
+
+
+def remux(src: Path, dst: Path, fmt: str) -> Path:
+    """Copy the video stream into another container (e.g. ``mpegts``) without re-encoding."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
+        vin = inp.streams.video[0]
+        vout = out.add_stream_from_template(vin)
+        for pkt in inp.demux(vin):
+            if pkt.dts is None:
+                continue
+            pkt.stream = vout
+            out.mux(pkt)
+    return dst

@@ -267,6 +267,37 @@ class RtspServer:
         self.server.kill()
 
 
+class HttpFileServer:
+    """Python's http.server over a directory: an HTTP camera that serves a recording."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.server = Server(
+            "http",
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                str(directory),
+            ],
+            directory / f"http-{self.port}.log",
+        )
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def start(self, timeout: float = 15) -> None:
+        self.server.start()
+        wait_until(lambda: not _port_free(self.port), timeout, "HTTP server", self.server.proc)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 def _which(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -144,24 +144,31 @@ class QueueStatus:
     lag: int | None
     dlq: int
     consumers: list[dict[str, Any]]
+    added: int = 0  # entries ever added to the stream (for rates)
+    read: int = 0  # entries ever delivered to the group
 
 
 async def status(client: aioredis.Redis, stream: str, group: str) -> QueueStatus:
     length = await client.xlen(stream)
     dlq = await client.xlen(dlq_stream(stream))
-    pending, lag, consumers = 0, None, []
+    pending, lag, consumers, added, read = 0, None, [], 0, 0
     try:
         groups = await client.xinfo_groups(stream)
+        info: Any = await client.xinfo_stream(stream)
+        added = int(info.get("entries-added") or 0)
     except ResponseError:  # no such stream yet
         groups = []
     for g in groups:
         if _text(g["name"]) == group:
             pending, lag = int(g["pending"]), g.get("lag")
+            read = int(g.get("entries-read") or 0)
             consumers = [
                 {"name": _text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
                 for c in await client.xinfo_consumers(stream, group)
             ]
-    return QueueStatus(length, pending, None if lag is None else int(lag), dlq, consumers)
+    return QueueStatus(
+        length, pending, None if lag is None else int(lag), dlq, consumers, added, read
+    )
 
 
 def _text(value: Any) -> str:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from devstack.servers import RtspServer
+import redis.asyncio as aioredis
+
+from devstack.media import remux
+from devstack.servers import HttpFileServer, RtspServer
 from tests.support import (
+    BIN,
     S3,
     Daemon,
     Stack,
@@ -138,3 +145,46 @@ async def _count(d: Daemon, event: str, n: int) -> bool:
     if d.proc.poll() is not None:
         raise AssertionError(f"daemon exited early:\n{d.text()[-3000:]}")
     return len(d.events(event)) >= n
+
+
+async def test_pipeline_http_camera_is_captured(stack: Stack, s3: S3, clip: Path) -> None:
+    """An http:// MPEG-TS stream is chunked (into MP4) and uploaded like any other source."""
+    ts = remux(clip, stack.workdir / "clip.ts", "mpegts")
+    server = HttpFileServer(stack.workdir)
+    server.start()
+    edge = edge_agent(stack, [{"id": "web", "url": server.url(ts.name)}], stack.workdir / "e.log")
+    try:
+        await eventually(lambda: _count(edge, "chunk", 3), 60, "3 chunks from HTTP")
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+        server.stop()
+    chunks = edge.events("chunk")
+    assert sum(c["frames"] for c in chunks) >= 90  # the whole recording (then it reconnects)
+    assert len(await s3.keys(stack.raw_bucket, "raw/site-1/web/")) == len(chunks)
+
+
+async def test_pipeline_status_command_reports_queue(stack: Stack) -> None:
+    from shared.queue import ensure_group, publish
+
+    client = aioredis.from_url(stack.redis_url)
+    await ensure_group(client, "chunks", "ingest")
+    for i in range(3):
+        await publish(client, "chunks", {"n": str(i).encode()})
+    await client.xreadgroup("ingest", "consumer-0", {"chunks": ">"}, count=2)
+    await publish(client, "chunks:dlq", {"reason": b"bad_signature"})
+    await client.aclose()
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "cloud-ingest"), "status", "--json", "--interval", "0.5"],
+        env=stack.ingest_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    doc = json.loads(result.stdout)
+    assert (doc["length"], doc["pending"], doc["lag"], doc["dlq"]) == (3, 2, 1, 1)
+    assert doc["rates"] == {"in_per_s": 0.0, "out_per_s": 0.0}  # nothing moved while sampling
+    assert doc["consumers"][0]["name"] == "consumer-0"
+    assert doc["consumers"][0]["pending"] == 2
