@@ -22,6 +22,10 @@ class CameraError(Exception):
     """The camera could not be opened or read; the supervisor retries with back-off."""
 
 
+class CameraStalled(CameraError):
+    """No packet within the watchdog period although the connection stayed open."""
+
+
 @dataclass(frozen=True, slots=True)
 class SourceSpec:
     target: str
@@ -31,6 +35,7 @@ class SourceSpec:
 
 
 def parse_url(url: str, timeout_s: float) -> SourceSpec:
+    """How to open ``url``; ``timeout_s`` bounds every socket read (the RTSP/HTTP stall limit)."""
     parsed = urlparse(url)
     micros = str(int(timeout_s * 1_000_000))
     if parsed.scheme in ("rtsp", "rtsps"):
@@ -46,9 +51,18 @@ def parse_url(url: str, timeout_s: float) -> SourceSpec:
 class Source:
     """One connection to one camera. Iterate ``packets()``; ``close()`` when done."""
 
-    def __init__(self, url: str, timeout_s: float, stop: threading.Event) -> None:
-        self.spec = parse_url(url, timeout_s)
-        self.timeout_s = timeout_s
+    def __init__(
+        self,
+        url: str,
+        stop: threading.Event,
+        *,
+        open_timeout_s: float = 10.0,
+        watchdog_s: float = 5.0,
+    ) -> None:
+        self.spec = parse_url(url, watchdog_s)
+        # PyAV's interrupt callback aborts any single blocking call past its limit; half the
+        # watchdog period because a stalled read can take two such calls to surface.
+        self.timeouts = (open_timeout_s, watchdog_s / 2)
         self.stop = stop
         self.container: Any = None
         self.stream: Any = None
@@ -59,7 +73,7 @@ class Source:
             self.container = av.open(
                 self.spec.target,
                 options=self.spec.options,
-                timeout=(self.timeout_s, self.timeout_s),
+                timeout=self.timeouts,
             )
         except (av.FFmpegError, OSError) as exc:
             raise CameraError(f"cannot open: {exc}") from exc
@@ -72,26 +86,41 @@ class Source:
     def time_base(self) -> Fraction:
         return Fraction(self.stream.time_base)
 
+    @property
+    def is_mpegts(self) -> bool:
+        return "mpegts" in str(self.container.format.name)
+
     def close(self) -> None:
         if self.container is not None:
             self.container.close()
             self.container = None
 
     def packets(self) -> Iterator[Any]:
-        """Video packets with timestamps; other streams (audio, data) are never demuxed."""
+        """Video packets in demux order; other streams (audio, data) are never demuxed."""
+        if not (self.spec.realtime or self.spec.loop):
+            for pkt in self._demux():
+                yield pkt
+                if self.stop.is_set():
+                    return
+            return
+        yield from self._replay()
+
+    def _replay(self) -> Iterator[Any]:
+        """A recording at its real-time rate; looping shifts timestamps so time never rewinds."""
         offset = 0
         while True:
             first, end = None, 0
             clock = _Pacer(self.time_base, self.stop) if self.spec.realtime else None
             for pkt in self._demux():
                 ts = pkt.dts if pkt.dts is not None else pkt.pts
-                first = ts if first is None else first
-                end = max(end, ts + (pkt.duration or 0))
+                if ts is not None:
+                    first = ts if first is None else first
+                    end = max(end, ts + (pkt.duration or 0))
+                    if clock is not None and not clock.wait_for(ts):
+                        return
                 if offset:
                     pkt.dts = None if pkt.dts is None else pkt.dts + offset
                     pkt.pts = None if pkt.pts is None else pkt.pts + offset
-                if clock is not None and not clock.wait_for(ts):
-                    return
                 yield pkt
                 if self.stop.is_set():
                     return
@@ -104,9 +133,10 @@ class Source:
     def _demux(self) -> Iterator[Any]:
         try:
             for pkt in self.container.demux(self.stream):
-                if pkt.size == 0 or (pkt.dts is None and pkt.pts is None):
-                    continue  # flush packets and packets without any timestamp
-                yield pkt
+                if pkt.size:  # skip the demuxer's empty flush packet
+                    yield pkt
+        except av.ExitError as exc:
+            raise CameraStalled(f"no packet for {2 * self.timeouts[1]:.1f}s") from exc
         except av.FFmpegError as exc:
             raise CameraError(f"read failed: {exc}") from exc
 

@@ -76,7 +76,7 @@ async def _probe(settings: EdgeSettings) -> list[str]:
 
 
 def _open_and_close(url: str, timeout_s: float) -> None:
-    Source(url, timeout_s, threading.Event()).close()
+    Source(url, threading.Event(), open_timeout_s=timeout_s).close()
 
 
 def main(argv: list[str] | None = None) -> int:

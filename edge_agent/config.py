@@ -39,6 +39,8 @@ class EdgeSettings(BaseSettings):
     segment_seconds: float = Field(default=10.0, gt=0, le=600)
     spool_dir: Path = Path("/var/lib/edge-agent/spool")
     spool_max_bytes: int = Field(default=10 * 1024**3, gt=0)
+    spool_min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
+    spool_eviction: Literal["oldest", "newest"] = "oldest"
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
@@ -52,8 +54,15 @@ class EdgeSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] | None = None
     upload_concurrency: int = Field(default=4, ge=1, le=64)
+    upload_max_bps: int = Field(default=0, ge=0)  # 0: no bandwidth cap
+    multipart_threshold_bytes: int = Field(default=16 * 1024**2, ge=5 * 1024**2)
+    multipart_part_bytes: int = Field(default=8 * 1024**2, ge=5 * 1024**2)
     drain_timeout_s: float = Field(default=20.0, gt=0)
-    camera_timeout_s: float = Field(default=10.0, gt=0)
+    camera_timeout_s: float = Field(default=10.0, gt=0)  # connect/open
+    watchdog_s: float = Field(default=5.0, gt=0)  # no packet for this long: reconnect
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_open_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod

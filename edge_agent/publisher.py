@@ -56,6 +56,20 @@ def build_manifest(
         discontinuity=gap is not None,
         gap_before_s=max(0.0, gap or 0.0),
         agent_version=__version__,
+        clock_drift_s=chunk.clock_drift_s,
+    )
+
+
+def with_evictions(manifest: Manifest, gap_s: float, count: int) -> Manifest:
+    """Fold chunks evicted just before this one into its gap (derived at announce time)."""
+    if count == 0:
+        return manifest
+    return manifest.model_copy(
+        update={
+            "discontinuity": True,
+            "gap_before_s": manifest.gap_before_s + gap_s,
+            "evicted_before": count,
+        }
     )
 
 

@@ -41,6 +41,7 @@ class ClosedChunk:
     wall_start: datetime
     wall_end: datetime
     session_start: bool  # first chunk since the camera (re)connected
+    clock_drift_s: float = 0.0  # wall time minus media time elapsed since the connection began
 
 
 def fsync_and_hash(path: Path) -> tuple[str, int]:
@@ -62,10 +63,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def partial_name(camera_id: str, wall_start: datetime) -> str:
+    """``{camera}+{start µs}+{random}.mp4.partial``: '+' never occurs in a camera id."""
+    micros = int(wall_start.timestamp() * 1_000_000)
+    return f"{camera_id}+{micros}+{uuid.uuid4().hex[:12]}.mp4.partial"
+
+
+def parse_partial_name(name: str) -> tuple[str, datetime] | None:
+    parts = name.split("+")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], datetime.fromtimestamp(int(parts[1]) / 1_000_000, UTC)
+
+
 class _Writer:
     """One open chunk file."""
 
-    def __init__(self, path: Path, template: Any, first: Any, time_base: Fraction) -> None:
+    def __init__(
+        self, path: Path, template: Any, first: Any, time_base: Fraction, wall_start: datetime
+    ) -> None:
         self.path = path
         self.container: Any = av.open(str(path), "w", format="mp4", options=FMP4_OPTIONS)
         self.out = self.container.add_stream_from_template(template)
@@ -75,7 +91,7 @@ class _Writer:
         self.end = self.start
         self.frames = 0
         self.keyframes = 0
-        self.wall_start = datetime.now(UTC)
+        self.wall_start = wall_start
 
     def write(self, pkt: Any, frame_ticks: int) -> None:
         pts = pkt.pts if pkt.pts is not None else pkt.dts
@@ -104,6 +120,7 @@ class Segmenter:
         self.camera_id = camera_id
         self.stream = stream
         self.tmp_dir = tmp_dir
+        tmp_dir.mkdir(parents=True, exist_ok=True)
         self.time_base = Fraction(stream.time_base)
         self.segment_ticks = Fraction(segment_s) / self.time_base
         rate = stream.average_rate or stream.guessed_rate or 15
@@ -111,24 +128,33 @@ class Segmenter:
         self.on_chunk = on_chunk
         self.writer: _Writer | None = None
         self.session_start = True
-        self.skipped = 0  # packets before the first keyframe or without a DTS
+        self.origin: tuple[datetime, int] | None = None  # (wall, media ticks) at first packet
+        self.skipped = 0  # packets before the first keyframe (after a start or a cut)
 
-    def feed(self, pkt: Any) -> None:
-        if pkt.dts is None:
-            self.skipped += 1
-            return
+    def feed(self, pkt: Any, reset: bool = False) -> None:
+        """Add a packet (with a DTS). ``reset``: the timeline jumped; close the chunk here."""
         w = self.writer
-        if w is not None and pkt.is_keyframe and pkt.dts - w.base >= self.segment_ticks:
+        if w is not None and (
+            reset or (pkt.is_keyframe and pkt.dts - w.base >= self.segment_ticks)
+        ):
             self.flush()
             w = None
         if w is None:
             if not pkt.is_keyframe:
                 self.skipped += 1
                 return
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            path = self.tmp_dir / f"{self.camera_id}-{uuid.uuid4().hex}.mp4.partial"
-            w = self.writer = _Writer(path, self.stream, pkt, self.time_base)
+            now = datetime.now(UTC)
+            if self.origin is None:
+                self.origin = (now, pkt.dts)
+            path = self.tmp_dir / partial_name(self.camera_id, now)
+            w = self.writer = _Writer(path, self.stream, pkt, self.time_base, now)
         w.write(pkt, self.frame_ticks)
+
+    def _drift(self, w: _Writer, wall_end: datetime) -> float:
+        assert self.origin is not None
+        wall = (wall_end - self.origin[0]).total_seconds()
+        media = float((w.end - self.origin[1]) * self.time_base)
+        return round(wall - media, 3)
 
     def flush(self) -> None:
         """Close the open chunk (if any) and hand it on."""
@@ -138,6 +164,7 @@ class Segmenter:
         w.close()
         sha, size = fsync_and_hash(w.path)
         ctx = self.stream.codec_context
+        wall_end = datetime.now(UTC)
         chunk = ClosedChunk(
             camera_id=self.camera_id,
             path=w.path,
@@ -151,8 +178,9 @@ class Segmenter:
             media_start_s=float(w.start * self.time_base),
             media_end_s=float(w.end * self.time_base),
             wall_start=w.wall_start,
-            wall_end=datetime.now(UTC),
+            wall_end=wall_end,
             session_start=self.session_start,
+            clock_drift_s=self._drift(w, wall_end),
         )
         self.session_start = False
         self.on_chunk(chunk)

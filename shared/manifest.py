@@ -65,6 +65,10 @@ class Manifest(BaseModel):
     discontinuity: bool
     gap_before_s: float = Field(ge=0)
     agent_version: Annotated[str, StringConstraints(max_length=64)]
+    # Wall time minus media time elapsed since the camera connection began (clock drift).
+    clock_drift_s: float = 0.0
+    # Chunks of this camera dropped from the spool (disk limits) right before this one.
+    evicted_before: int = Field(default=0, ge=0)
 
 
 class Signature(BaseModel):

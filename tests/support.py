@@ -133,7 +133,7 @@ def segment_file(
     from edge_agent.segmenter import ClosedChunk, Segmenter
 
     chunks: list[ClosedChunk] = []
-    source = Source(f"file://{clip}", 5, threading.Event())
+    source = Source(f"file://{clip}", threading.Event())
     source.spec = SourceSpec(source.spec.target, {}, realtime=False, loop=loop)
     seg = Segmenter("cam1", source.stream, out, seconds, chunks.append)
     for n, pkt in enumerate(source.packets()):

@@ -1,0 +1,126 @@
+"""One camera, supervised, in its own thread: source → timestamp repair → segmenter → spool.
+
+A failing camera reconnects with jittered exponential back-off and, after
+repeated failures, a circuit breaker that probes it at a slower pace; the
+other cameras never notice. Whatever was captured before a stop, an EOF or an
+error is closed into a chunk and kept.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import structlog
+
+from edge_agent.capture import CameraError, CameraStalled, Source
+from edge_agent.config import Camera, EdgeSettings
+from edge_agent.metrics import EdgeMetrics
+from edge_agent.segmenter import ClosedChunk, Segmenter
+from edge_agent.timestamps import MPEGTS_WRAP, TimestampRepair
+from shared.backoff import Breaker
+
+log = structlog.get_logger("edge_agent")
+
+# Media errors while writing a chunk, and disk errors (ENOSPC) while spooling it.
+CAPTURE_ERRORS = (CameraError, av.FFmpegError, OSError)
+
+
+class CameraWorker:
+    def __init__(
+        self,
+        cam: Camera,
+        settings: EdgeSettings,
+        tmp_dir: Path,
+        on_chunk: Callable[[ClosedChunk], None],
+        metrics: EdgeMetrics,
+        stop: threading.Event,
+    ) -> None:
+        self.cam = cam
+        self.settings = settings
+        self.on_chunk = on_chunk
+        self.metrics = metrics
+        self.stop = stop
+        self.tmp_dir = tmp_dir
+        self.breaker = Breaker(
+            settings.breaker_threshold,
+            1.0,
+            settings.reconnect_max_s,
+            settings.breaker_open_s,
+            max(settings.breaker_open_s, 600.0),
+        )
+        self.last_packet = time.monotonic()
+
+    def run(self) -> None:
+        """Capture until stopped (or until a non-looping replay ends)."""
+        structlog.contextvars.bind_contextvars(camera_id=self.cam.id)
+        while not self.stop.is_set():
+            try:
+                if self._capture():
+                    log.info("camera.finished")
+                    return
+                delay = self.breaker.failure()  # a live stream ended: reconnect
+                log.warning("camera.ended", retry_in_s=round(delay, 2))
+            except CAPTURE_ERRORS as exc:
+                delay = self._failed(exc)
+            finally:
+                self.metrics.camera_up.labels(self.cam.id).set(0)
+            self.metrics.circuit_open.labels(self.cam.id).set(int(self.breaker.is_open))
+            if self.stop.wait(delay):
+                return
+            self.metrics.reconnects.labels(self.cam.id).inc()
+
+    def _failed(self, exc: BaseException) -> float:
+        self.metrics.camera_errors.labels(self.cam.id).inc()
+        if isinstance(exc, CameraStalled):
+            self.metrics.watchdog.labels(self.cam.id).inc()
+        was_open = self.breaker.is_open
+        delay = self.breaker.failure()
+        event = "camera.stalled" if isinstance(exc, CameraStalled) else "camera.error"
+        log.warning(
+            event, error=str(exc)[:300], failures=self.breaker.failures, retry_in_s=round(delay, 2)
+        )
+        if self.breaker.is_open and not was_open:
+            log.error("camera.circuit_open", failures=self.breaker.failures)
+        return delay
+
+    def _capture(self) -> bool:
+        """One connection's worth of capture. True when a non-looping replay ended."""
+        s = self.settings
+        source = Source(
+            self.cam.url, self.stop, open_timeout_s=s.camera_timeout_s, watchdog_s=s.watchdog_s
+        )
+        try:
+            ctx = source.stream.codec_context
+            log.info("camera.connected", codec=ctx.name, width=ctx.width, height=ctx.height)
+            segmenter = Segmenter(
+                self.cam.id, source.stream, self.tmp_dir, s.segment_seconds, self.on_chunk
+            )
+            repair = TimestampRepair(
+                source.time_base,
+                segmenter.frame_ticks,
+                wrap=MPEGTS_WRAP if source.is_mpegts else None,
+            )
+            try:
+                self._pump(source, repair, segmenter)
+            finally:
+                segmenter.flush()  # keep what was captured before a stop, an EOF or an error
+                for kind, n in repair.counts.items():
+                    self.metrics.timestamps_fixed.labels(self.cam.id, kind).inc(n)
+        finally:
+            source.close()
+        return source.spec.realtime and not source.spec.loop
+
+    def _pump(self, source: Source, repair: TimestampRepair, segmenter: Segmenter) -> None:
+        first = True
+        for pkt, reset in repair.run(source.packets()):
+            if first:
+                first = False
+                self.breaker.success()
+                self.metrics.camera_up.labels(self.cam.id).set(1)
+                self.metrics.circuit_open.labels(self.cam.id).set(0)
+            self.last_packet = time.monotonic()
+            segmenter.feed(pkt, reset)

@@ -1,0 +1,86 @@
+"""The edge agent's Prometheus metrics (prefix ``edge_agent_``), in their own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class EdgeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        cam = ["camera"]
+        self.camera_up = Gauge(
+            "edge_agent_camera_up", "1 while the camera delivers packets", cam, registry=r
+        )
+        self.circuit_open = Gauge(
+            "edge_agent_camera_circuit_open",
+            "1 while the camera's breaker is open",
+            cam,
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "edge_agent_camera_reconnects",
+            "Camera (re)connection attempts after a failure",
+            cam,
+            registry=r,
+        )
+        self.watchdog = Counter(
+            "edge_agent_camera_watchdog_fired",
+            "Streams stalled past EDGE_WATCHDOG_S",
+            cam,
+            registry=r,
+        )
+        self.camera_errors = Counter(
+            "edge_agent_camera_errors", "Camera open/read errors", cam, registry=r
+        )
+        self.timestamps_fixed = Counter(
+            "edge_agent_timestamps_fixed",
+            "Packets whose timestamps were repaired",
+            [*cam, "kind"],
+            registry=r,
+        )
+        self.written = Counter(
+            "edge_agent_chunks_written", "Chunks closed and committed to the spool", cam, registry=r
+        )
+        self.uploaded = Counter(
+            "edge_agent_chunks_uploaded", "Chunks uploaded to S3", cam, registry=r
+        )
+        self.announced = Counter(
+            "edge_agent_chunks_announced", "Manifests added to the stream", cam, registry=r
+        )
+        self.evicted = Counter(
+            "edge_agent_chunks_evicted",
+            "Chunks evicted from the spool (disk limits)",
+            cam,
+            registry=r,
+        )
+        self.lost = Counter(
+            "edge_agent_chunks_lost",
+            "Chunks found missing or unrecoverable at start-up",
+            cam,
+            registry=r,
+        )
+        self.bytes_uploaded = Counter(
+            "edge_agent_bytes_uploaded", "Bytes uploaded to S3", cam, registry=r
+        )
+        self.upload_seconds = Histogram(
+            "edge_agent_upload_seconds",
+            "Upload latency per chunk",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.delivery_retries = Counter(
+            "edge_agent_delivery_retries",
+            "Upload or announce attempts that failed",
+            ["stage"],
+            registry=r,
+        )
+        self.spool_bytes = Gauge(
+            "edge_agent_spool_bytes", "Bytes of chunks waiting for upload", registry=r
+        )
+        self.ledger_backlog = Gauge(
+            "edge_agent_ledger_backlog",
+            "Chunks in the ledger not yet announced",
+            ["state"],
+            registry=r,
+        )
