@@ -1,0 +1,171 @@
+"""The spool and its ledger: limits and eviction, gaps, crash recovery (real files, real SQLite)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import av
+import pytest
+
+from edge_agent.config import EdgeSettings
+from edge_agent.publisher import build_manifest
+from edge_agent.recovery import complete_prefix, salvage
+from edge_agent.segmenter import ClosedChunk, partial_name
+from edge_agent.spool import ANNOUNCED, EVICTED, LOST, UPLOADED, WRITTEN, Limits, Position, Spool
+from shared.manifest import Manifest
+from tests.support import segment_file
+
+SETTINGS = EdgeSettings(
+    device_id="dev-1",
+    site_id="site-1",
+    s3_bucket="raw-bucket",
+    signing_key="k",  # type: ignore[arg-type]
+    cameras=[{"id": "cam1", "url": "file:///x.mp4"}],  # type: ignore[list-item]
+)
+
+
+def factory(chunk: ClosedChunk, seq: int, prev: Position) -> Manifest:
+    return build_manifest(SETTINGS, chunk, seq, prev)
+
+
+@pytest.fixture
+def fresh_chunks(clip: Path, tmp_path: Path) -> list[ClosedChunk]:
+    """Six 1 s chunks as the segmenter leaves them (temp files the spool will take over)."""
+    return segment_file(clip, tmp_path / "spool" / "tmp", 1.0)
+
+
+def test_spool_commit_assigns_seq_and_moves_file(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    manifests = [spool.commit(c, factory)[0] for c in fresh_chunks[:3]]
+    assert [m.seq for m in manifests] == [0, 1, 2]
+    for m in manifests:
+        rec = spool.get(m.chunk_id)
+        assert rec is not None and rec.state == WRITTEN and rec.path.exists()
+    assert spool.unfinished() == [m.chunk_id for m in manifests]
+    assert spool.pending_bytes() == sum(c.size_bytes for c in fresh_chunks[:3])
+    spool.close()
+    assert Spool(tmp_path / "spool").position(Spool(tmp_path / "spool")._db(), "cam1").next_seq == 3
+
+
+def test_spool_upload_frees_the_file_and_announce_finishes(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    m, _ = spool.commit(fresh_chunks[0], factory)
+    path = spool.get(m.chunk_id).path  # type: ignore[union-attr]
+    spool.mark_uploaded(m.chunk_id)
+    assert not path.exists()
+    assert spool.pending_bytes() == 0
+    spool.mark_announced(m.chunk_id)
+    assert spool.counts() == {ANNOUNCED: 1}
+    spool.mark_uploaded(m.chunk_id)  # a stale transition is ignored
+    assert spool.get(m.chunk_id).state == ANNOUNCED  # type: ignore[union-attr]
+
+
+def test_spool_evicts_oldest_first_and_reports_the_gap(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    size = max(c.size_bytes for c in fresh_chunks)
+    spool = Spool(tmp_path / "spool", Limits(max_bytes=3 * size, min_free_bytes=0, policy="oldest"))
+    evicted = []
+    manifests = []
+    for c in fresh_chunks:
+        m, ev = spool.commit(c, factory)
+        manifests.append(m)
+        evicted.extend(ev)
+    assert [r.manifest.seq for r in evicted] == [0, 1, 2]
+    assert all(not r.path.exists() for r in evicted)
+    assert spool.pending_bytes() <= 3 * size
+    assert spool.counts() == {EVICTED: 3, WRITTEN: 3}
+    gap, count = spool.evicted_run_before("cam1", 3)
+    assert count == 3
+    assert gap == pytest.approx(3.0)
+    assert spool.evicted_run_before("cam1", 4) == (0.0, 0)
+
+
+def test_spool_newest_policy_keeps_old_footage(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    size = max(c.size_bytes for c in fresh_chunks)
+    spool = Spool(tmp_path / "spool", Limits(max_bytes=2 * size, min_free_bytes=0, policy="newest"))
+    evicted = [r.manifest.seq for c in fresh_chunks for r in spool.commit(c, factory)[1]]
+    assert evicted == [2, 3, 4, 5]
+    assert spool.evicted_run_before("cam1", 6) == (pytest.approx(4.0), 4)
+
+
+def test_spool_never_evicts_a_chunk_being_uploaded(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    size = max(c.size_bytes for c in fresh_chunks)
+    spool = Spool(tmp_path / "spool", Limits(max_bytes=size, min_free_bytes=0))
+    first, _ = spool.commit(fresh_chunks[0], factory)
+    spool.claim(first.chunk_id)
+    _, evicted = spool.commit(fresh_chunks[1], factory)
+    assert [r.manifest.seq for r in evicted] == [1]
+    assert spool.get(first.chunk_id).state == WRITTEN  # type: ignore[union-attr]
+
+
+def test_spool_free_disk_margin_evicts_without_crashing(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    impossible = shutil.disk_usage(tmp_path).total * 2
+    spool = Spool(tmp_path / "spool", Limits(max_bytes=1 << 40, min_free_bytes=impossible))
+    for c in fresh_chunks[:2]:
+        spool.commit(c, factory)
+    assert spool.counts() == {EVICTED: 2}
+
+
+def truncated_partial(chunk: ClosedChunk, tmp_dir: Path, cut: int) -> Path:
+    """A chunk file as a kill -9 leaves it: named like an open chunk, cut short."""
+    dst = tmp_dir / partial_name("cam1", chunk.wall_start)
+    data = chunk.path.read_bytes()
+    dst.write_bytes(data[: len(data) - cut])
+    return dst
+
+
+def test_recovery_salvages_complete_fragments_only(tmp_path: Path, clip: Path) -> None:
+    [whole] = segment_file(clip, tmp_path / "src", 6.0)  # 6 GOPs = 6 fragments
+    partial = truncated_partial(whole, tmp_path, cut=500)
+    assert 0 < complete_prefix(partial) < whole.size_bytes
+    chunk = salvage(partial)
+    assert chunk is not None
+    assert chunk.frame_count == 75 and chunk.keyframe_count == 5  # the torn 6th GOP is dropped
+    with av.open(str(partial)) as f:
+        assert len(list(f.decode(video=0))) == 75
+
+
+def test_recovery_on_startup_commits_salvage_and_quarantines_garbage(
+    tmp_path: Path, clip: Path
+) -> None:
+    [whole] = segment_file(clip, tmp_path / "src", 6.0)
+    spool = Spool(tmp_path / "spool")
+    truncated_partial(whole, spool.tmp_dir, cut=500)
+    (spool.tmp_dir / partial_name("cam1", whole.wall_start)).write_bytes(b"\x00" * 100)
+    result = spool.recover(factory)
+    assert result == {"renamed": 0, "lost": 0, "salvaged": 1, "quarantined": 1}
+    [chunk_id] = spool.unfinished()
+    rec = spool.get(chunk_id)
+    assert rec is not None and rec.manifest.frame_count == 75 and rec.path.exists()
+    assert len(list(spool.quarantine_dir.iterdir())) == 1
+
+
+def test_recovery_finishes_interrupted_rename_or_marks_lost(tmp_path: Path, clip: Path) -> None:
+    chunks = segment_file(clip, tmp_path / "spool" / "tmp", 2.0)
+    spool = Spool(tmp_path / "spool")
+    for c in chunks:
+        spool.commit(c, factory)
+    recs = [spool.get(i) for i in spool.unfinished()]
+    assert all(recs)
+    # As if we crashed between the ledger commit and the rename...
+    recs[0].path.rename(spool.tmp_dir / partial_name("cam1", recs[0].manifest.start_time))  # type: ignore[union-attr]
+    # ...and as if a file vanished.
+    recs[1].path.unlink()  # type: ignore[union-attr]
+    result = spool.recover(factory)
+    assert (result["renamed"], result["lost"]) == (1, 1)
+    assert recs[0].path.exists()  # type: ignore[union-attr]
+    assert spool.get(recs[1].chunk_id).state == LOST  # type: ignore[union-attr]
+    assert spool.evicted_run_before("cam1", 2) == (pytest.approx(2.0), 1)
+    assert UPLOADED not in spool.counts()
