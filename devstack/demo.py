@@ -177,7 +177,7 @@ def summary(
     cloud_rc: int,
 ) -> int:
     stopped = (edge.events("agent.stopped") or [{}])[-1]
-    chunks = edge.events("chunk")
+    chunks = [c for c in edge.events("chunk") if c.get("outcome") == "announced"]
     records = asyncio.run(processed(s3))
     q = asyncio.run(queue(redis))
     edge_lat = [c["latency_s"] for c in chunks]

@@ -252,13 +252,25 @@ class RtspServer:
         return f"rtsp://127.0.0.1:{self.port}/{mount}"
 
     def start(self, timeout: float = 20) -> None:
+        """Start (or restart, on the same port) and wait for this run's READY line."""
+        offset = self.server.log_path.stat().st_size if self.server.log_path.exists() else 0
+
+        def ready() -> bool:
+            with self.server.log_path.open("rb") as fh:
+                fh.seek(offset)
+                return b"READY" in fh.read()
+
         self.server.start()
-        wait_until(
-            lambda: "READY" in tail(self.server.log_path, 5),
-            timeout,
-            "RTSP server",
-            self.server.proc,
-        )
+        wait_until(ready, timeout, "RTSP server", self.server.proc)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server stops sending but its sockets stay open (a stalled camera)."""
+        assert self.server.proc is not None
+        os.kill(self.server.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.server.proc is not None
+        os.kill(self.server.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         self.server.stop()

@@ -34,9 +34,14 @@ def redis_server(session_dir: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def aws_credentials() -> None:
+    """SeaweedFS without an identity file accepts any credentials; clients still need some."""
+    os.environ.update({k: v for k, v in base_env().items() if k.startswith("AWS_")})
+
+
 @pytest.fixture(scope="session")
 def s3_server(session_dir: Path) -> Iterator[SeaweedS3]:
-    os.environ.update({k: v for k, v in base_env().items() if k.startswith("AWS_")})
     server = SeaweedS3(session_dir)
     server.start()
     yield server
