@@ -21,11 +21,11 @@ MIB = 1024 * 1024
 
 
 class RateLimit:
-    """A token bucket over bytes; ``rate`` 0 means unlimited."""
+    """A token bucket over bytes; ``rate`` 0 means unlimited. Bursts up to one second's worth."""
 
     def __init__(self, rate: int, burst: int | None = None) -> None:
         self.rate = rate
-        self.capacity = float(burst or max(rate, 8 * MIB))
+        self.capacity = float(burst or rate)
         self.tokens = self.capacity
         self.stamp = time.monotonic()
         self._lock = asyncio.Lock()

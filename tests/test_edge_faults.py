@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import av
 import pytest
 import redis.asyncio as aioredis
 
 from devstack.s3 import S3
-from devstack.servers import RedisServer, RtspServer, SeaweedS3
+from devstack.servers import RedisServer, RtspServer, SeaweedS3, free_port
 from tests.support import Daemon, Stack, edge_agent, eventually, log_events
 
 
@@ -239,11 +240,24 @@ async def test_fault_redis_restart_loses_no_manifest(
 ) -> None:
     stack, redis, _ = own_stack
     cams = [{"id": "cam1", "url": rtsp_server.url("cam1")}]
-    edge = edge_agent(stack, cams, stack.workdir / "edge.log", EDGE_SEGMENT_SECONDS="1")
+    port = free_port()
+    edge = edge_agent(
+        stack,
+        cams,
+        stack.workdir / "edge.log",
+        EDGE_SEGMENT_SECONDS="1",
+        EDGE_HTTP_BIND=f"127.0.0.1:{port}",
+    )
     try:
         await eventually(lambda: _announced(edge, 2), 60, "chunks before the restart")
         redis.kill()
         await asyncio.sleep(6)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            assert resp.status == 503
+            assert (await resp.json())["checks"]["redis"] is False
         waiting = sum(r["state"] == "uploaded" for r in ledger(stack))
         redis.start()
         n = announced_count(edge)
