@@ -19,14 +19,14 @@ import structlog
 from edge_agent.capture import CameraError, CameraStalled, Source
 from edge_agent.config import Camera, EdgeSettings
 from edge_agent.metrics import EdgeMetrics
-from edge_agent.segmenter import ClosedChunk, Segmenter
+from edge_agent.segmenter import ClosedChunk, ParameterChangeError, Segmenter
 from edge_agent.timestamps import MPEGTS_WRAP, TimestampRepair
 from shared.backoff import Breaker
 
 log = structlog.get_logger("edge_agent")
 
 # Media errors while writing a chunk, and disk errors (ENOSPC) while spooling it.
-CAPTURE_ERRORS = (CameraError, av.FFmpegError, OSError)
+CAPTURE_ERRORS = (CameraError, ParameterChangeError, av.FFmpegError, OSError)
 
 
 class CameraWorker:
@@ -65,6 +65,9 @@ class CameraWorker:
                 delay = self.breaker.failure()  # a live stream ended: reconnect
                 log.warning("camera.ended", retry_in_s=round(delay, 2))
             except CAPTURE_ERRORS as exc:
+                delay = self._failed(exc)
+            except Exception as exc:  # a bug must not stop this camera for good, nor the others
+                log.exception("camera.crashed")
                 delay = self._failed(exc)
             finally:
                 self.metrics.camera_up.labels(self.cam.id).set(0)

@@ -20,6 +20,8 @@ from typing import Any
 
 import av
 
+from edge_agent.params import HEAD_BYTES, dimensions, parameter_sets
+
 FMP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
 
 
@@ -63,6 +65,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class ParameterChangeError(ValueError):
+    """The stream changed in-band in a way we cannot describe; reconnecting re-probes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamParams:
+    extradata: bytes
+    width: int
+    height: int
+
+
 def partial_name(camera_id: str, wall_start: datetime) -> str:
     """``{camera}+{start µs}+{random}.mp4.partial``: '+' never occurs in a camera id."""
     micros = int(wall_start.timestamp() * 1_000_000)
@@ -80,11 +93,20 @@ class _Writer:
     """One open chunk file."""
 
     def __init__(
-        self, path: Path, template: Any, first: Any, time_base: Fraction, wall_start: datetime
+        self,
+        path: Path,
+        template: Any,
+        first: Any,
+        time_base: Fraction,
+        wall_start: datetime,
+        params: StreamParams | None,
     ) -> None:
         self.path = path
         self.container: Any = av.open(str(path), "w", format="mp4", options=FMP4_OPTIONS)
         self.out = self.container.add_stream_from_template(template)
+        if params is not None:  # the stream changed in-band since the header was read
+            ctx = self.out.codec_context
+            ctx.extradata, ctx.width, ctx.height = params.extradata, params.width, params.height
         self.base = first.dts
         self.time_base = time_base
         self.start = first.pts if first.pts is not None else first.dts
@@ -130,15 +152,23 @@ class Segmenter:
         self.session_start = True
         self.origin: tuple[datetime, int] | None = None  # (wall, media ticks) at first packet
         self.skipped = 0  # packets before the first keyframe (after a start or a cut)
+        self.codec = str(stream.codec_context.name)
+        self.baseline: bytes | None = None  # in-band parameter sets seen so far
+        self.params: StreamParams | None = None  # set once they changed
+        self.param_changes = 0
 
     def feed(self, pkt: Any, reset: bool = False) -> None:
         """Add a packet (with a DTS). ``reset``: the timeline jumped; close the chunk here."""
+        changed = self._param_change(pkt) if pkt.is_keyframe else None
+        reset = reset or changed is not None
         w = self.writer
         if w is not None and (
             reset or (pkt.is_keyframe and pkt.dts - w.base >= self.segment_ticks)
         ):
             self.flush()
             w = None
+        if changed is not None:
+            self.params = changed  # after the flush: the closed chunk keeps its own size
         if w is None:
             if not pkt.is_keyframe:
                 self.skipped += 1
@@ -147,8 +177,23 @@ class Segmenter:
             if self.origin is None:
                 self.origin = (now, pkt.dts)
             path = self.tmp_dir / partial_name(self.camera_id, now)
-            w = self.writer = _Writer(path, self.stream, pkt, self.time_base, now)
+            w = self.writer = _Writer(path, self.stream, pkt, self.time_base, now, self.params)
         w.write(pkt, self.frame_ticks)
+
+    def _param_change(self, pkt: Any) -> StreamParams | None:
+        """New parameters when this keyframe's in-band parameter sets differ from before."""
+        found = parameter_sets(bytes(memoryview(pkt)[:HEAD_BYTES]), self.codec)
+        if found is None or found == self.baseline:
+            return None
+        first, self.baseline = self.baseline is None, found
+        if first:
+            return None
+        try:
+            width, height = dimensions(self.codec, pkt)
+        except (av.FFmpegError, ValueError) as exc:
+            raise ParameterChangeError(f"new parameter sets do not decode: {exc}") from exc
+        self.param_changes += 1
+        return StreamParams(found, width, height)
 
     def _drift(self, w: _Writer, wall_end: datetime) -> float:
         assert self.origin is not None
@@ -164,6 +209,9 @@ class Segmenter:
         w.close()
         sha, size = fsync_and_hash(w.path)
         ctx = self.stream.codec_context
+        width, height = (
+            (self.params.width, self.params.height) if self.params else (ctx.width, ctx.height)
+        )
         wall_end = datetime.now(UTC)
         chunk = ClosedChunk(
             camera_id=self.camera_id,
@@ -171,8 +219,8 @@ class Segmenter:
             sha256=sha,
             size_bytes=size,
             codec=str(ctx.name),
-            width=int(ctx.width),
-            height=int(ctx.height),
+            width=int(width),
+            height=int(height),
             frame_count=w.frames,
             keyframe_count=w.keyframes,
             media_start_s=float(w.start * self.time_base),

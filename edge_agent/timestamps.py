@@ -68,10 +68,10 @@ class TimestampRepair:
         if last is None:
             return False
         step = pkt.dts - last
-        if step > self.jump_ticks or -step > self.jump_ticks:
+        if step > self.jump_ticks or -step > 2 * self.frame_ticks:
             self.counts["jumps"] += 1
             return True  # a clock reset or a hole: cut here, the manifest flags it
-        if step <= 0:
+        if step <= 0:  # a duplicate or a frame or two out of order: nudge forward
             pkt.dts = last + 1
             if pkt.pts is not None and pkt.pts < pkt.dts:
                 pkt.pts = pkt.dts

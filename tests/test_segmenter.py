@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import pytest
 
-from devstack.media import make_clip
+from devstack.media import make_clip, remux
 from edge_agent.segmenter import ClosedChunk
 from tests.support import segment_file
 
@@ -79,3 +79,25 @@ def test_segmenter_handles_hevc(tmp_path: Path) -> None:
     assert [c.codec for c in chunks] == ["hevc", "hevc"]
     joined = [p for c in chunks for p in video_packets(c.path)]
     assert joined == video_packets(hevc)
+
+
+def test_segmenter_resolution_change_mid_stream_starts_a_new_chunk(tmp_path: Path) -> None:
+    """An MPEG-TS stream switches from 320x240 to 640x480 in-band (new SPS, no new session)."""
+    small = remux(
+        make_clip(tmp_path / "a.mp4", 3, width=320, height=240), tmp_path / "a.ts", "mpegts"
+    )
+    large = remux(
+        make_clip(tmp_path / "b.mp4", 3, width=640, height=480), tmp_path / "b.ts", "mpegts"
+    )
+    joined = tmp_path / "switch.ts"
+    joined.write_bytes(small.read_bytes() + large.read_bytes())
+    chunks = segment(joined, tmp_path / "out", 2.0)
+    sizes = [(c.width, c.height) for c in chunks]
+    assert sizes[0] == (320, 240) and sizes[-1] == (640, 480)
+    assert sizes == sorted(sizes)  # no chunk goes back, none mixes the two
+    assert sum(c.frame_count for c in chunks) == 90
+    for c in chunks:
+        with av.open(str(c.path)) as f:
+            frames = list(f.decode(video=0))
+        assert len(frames) == c.frame_count
+        assert {(fr.width, fr.height) for fr in frames} == {(c.width, c.height)}
