@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import json
 import sys
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
+from cloud_ingest import admin
 from cloud_ingest.config import IngestSettings
 from shared import logs
 from shared.queue import status
+from shared.s3 import open_s3
 from shared.settings import EX_CONFIG, ConfigError, load
 
 
@@ -72,6 +76,67 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
     return 0
 
 
+async def _dlq(settings: IngestSettings, args: argparse.Namespace) -> int:
+    client = aioredis.from_url(settings.redis_url.get_secret_value())
+    try:
+        found = admin.select(
+            await admin.letters(client, settings.stream, args.limit),
+            set(args.id or []),
+            args.reason,
+        )
+        if args.action == "list":
+            for letter in found:
+                print(json.dumps(letter.summary()))
+            print(
+                json.dumps({"dead_letters": len(found), "by_reason": admin.reasons(found)}),
+                file=sys.stderr,
+            )
+            return 0
+        if not (args.id or args.reason or args.all):
+            print(
+                "cloud-ingest: name letters with --id or --reason, or pass --all", file=sys.stderr
+            )
+            return 2
+        if args.action == "requeue":
+            print(json.dumps({"requeued": await admin.requeue(client, settings.stream, found)}))
+        else:
+            print(json.dumps({"purged": await admin.purge(client, settings.stream, found)}))
+        return 0
+    finally:
+        await client.aclose()
+
+
+async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
+    if settings.raw_bucket is None:
+        print("cloud-ingest: INGEST_RAW_BUCKET: is required for reconcile", file=sys.stderr)
+        return EX_CONFIG
+    client = aioredis.from_url(settings.redis_url.get_secret_value())
+    try:
+        async with AsyncExitStack() as stack:
+            s3 = await open_s3(stack, settings.s3_endpoint_url, settings.s3_region)
+            report = await admin.reconcile(
+                s3,
+                client,
+                raw_bucket=settings.raw_bucket,
+                prefix=args.prefix if args.prefix is not None else settings.raw_prefix,
+                output_bucket=settings.output_bucket,
+                output_prefix=settings.output_prefix,
+                stream=settings.stream,
+                since=args.since,
+                until=args.until,
+                dry_run=args.dry_run,
+            )
+    finally:
+        await client.aclose()
+    print(json.dumps(report.as_dict()))
+    return 0
+
+
+def _when(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-ingest", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,7 +149,25 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="seconds between the two samples for rates (0: no rates)",
     )
+    dlq = sub.add_parser("dlq", help="inspect and replay dead letters")
+    dlq.add_argument("action", choices=["list", "requeue", "purge"])
+    dlq.add_argument("--id", action="append", help="a dead letter's id (repeatable)")
+    dlq.add_argument("--reason", help="only letters with this reason")
+    dlq.add_argument("--all", action="store_true", help="requeue/purge every letter")
+    dlq.add_argument("--limit", type=int, default=10000)
+    rec = sub.add_parser("reconcile", help="re-enqueue raw chunks that have no done record")
+    rec.add_argument(
+        "--prefix", help="raw key prefix, e.g. raw/site-1/cam1 (default INGEST_RAW_PREFIX)"
+    )
+    rec.add_argument("--since", type=_when, help="chunks starting at or after (ISO 8601, UTC)")
+    rec.add_argument("--until", type=_when, help="chunks starting before (ISO 8601, UTC)")
+    rec.add_argument("--dry-run", action="store_true", help="report only")
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run()
-    return asyncio.run(_status(_settings(), args.json, args.interval))
+    settings = _settings()
+    if args.command == "dlq":
+        return asyncio.run(_dlq(settings, args))
+    if args.command == "reconcile":
+        return asyncio.run(_reconcile(settings, args))
+    return asyncio.run(_status(settings, args.json, args.interval))

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, StringConstraints, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cloud_ingest.filters import Thresholds
+from cloud_ingest.preprocess import Options
 from shared.settings import read_secret
 
 Bucket = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
@@ -24,6 +26,8 @@ class IngestSettings(BaseSettings):
     s3_region: str = "us-east-1"
     output_bucket: Bucket
     output_prefix: str = "processed"
+    raw_bucket: Bucket | None = None  # where edges upload; what reconcile lists
+    raw_prefix: str = "raw"
     consumers: int = Field(default=2, ge=1, le=1024)
     visibility_timeout_s: float = Field(default=60.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1, le=1000)
@@ -37,6 +41,19 @@ class IngestSettings(BaseSettings):
     actor_cpus: float = Field(default=1.0, ge=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
     max_chunk_bytes: int = Field(default=512 * 1024**2, gt=0)
+    # Filters (scores below/above these reject a chunk, with its reason and scores recorded)
+    filter_dark_luma: float = Field(default=20.0, ge=0, le=255)
+    filter_bright_luma: float = Field(default=235.0, ge=0, le=255)
+    filter_blur_var: float = Field(default=15.0, ge=0)
+    filter_static_motion: float = Field(default=0.5, ge=0)
+    filter_duplicate_bits: int = Field(default=6, ge=0, le=64)
+    filter_recent_chunks: int = Field(default=16, ge=0, le=1000)
+    allowed_codecs: list[str] = Field(default_factory=lambda: ["h264", "hevc"])
+    max_chunk_seconds: float = Field(default=600.0, gt=0)
+    # Preprocess
+    sample_fps: float = Field(default=2.0, gt=0, le=120)
+    resize_short_side: int = Field(default=256, ge=16, le=4096)
+    jpeg_quality: int = Field(default=4, ge=2, le=31)
 
     @model_validator(mode="before")
     @classmethod
@@ -62,9 +79,23 @@ class IngestSettings(BaseSettings):
     def _require_keys(self) -> IngestSettings:
         if not self.keyring:
             raise ValueError("INGEST_KEYRING (or INGEST_KEYRING_FILE) must name at least one key")
-        if self.visibility_timeout_s < 3:
-            raise ValueError("INGEST_VISIBILITY_TIMEOUT_S: must be at least 3 seconds")
+        if self.visibility_timeout_s < 1:
+            raise ValueError("INGEST_VISIBILITY_TIMEOUT_S: must be at least 1 second")
         return self
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(
+            dark_luma=self.filter_dark_luma,
+            bright_luma=self.filter_bright_luma,
+            blur_var=self.filter_blur_var,
+            static_motion=self.filter_static_motion,
+            duplicate_bits=self.filter_duplicate_bits,
+            max_seconds=self.max_chunk_seconds,
+            codecs=tuple(self.allowed_codecs),
+        )
+
+    def preprocess(self) -> Options:
+        return Options(self.sample_fps, self.resize_short_side, self.jpeg_quality)
 
     def secrets(self) -> dict[str, bytes]:
         return {k: v.get_secret_value().encode() for k, v in self.keyring.items()}

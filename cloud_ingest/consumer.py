@@ -56,7 +56,7 @@ class Consumer:
             redis = aioredis.from_url(self.settings.redis_url.get_secret_value())
             stack.push_async_callback(redis.aclose)
             queue = GroupConsumer(redis, self.settings.stream, self.settings.group, self.name)
-            processor = ChunkProcessor(self.settings, s3, self.name)
+            processor = ChunkProcessor(self.settings, s3, redis, self.name)
             renewer = asyncio.create_task(self._renew_leases(queue))
             log.info("consumer.started", pid=os.getpid())
             try:
@@ -111,11 +111,14 @@ class Consumer:
             async with self._slots:
                 outcome = await processor.process(entry)
             self.counts[outcome.status] += 1
+            if outcome.status == "processed":
+                self.counts[f"verdict_{outcome.verdict}"] += 1
             self._acks.append(entry.id)
             m = outcome.manifest
             log.info(
                 "chunk",
                 outcome=outcome.status,
+                verdict=outcome.verdict,
                 chunk_id=m.chunk_id,
                 camera_id=m.camera_id,
                 seq=m.seq,

@@ -1,4 +1,5 @@
-"""One chunk, end to end: verify → idempotency check → download → hash → filter → record."""
+"""One chunk, end to end: verify → idempotency check → download → hash → integrity →
+content filters → preprocess (accepted only) → done record."""
 
 from __future__ import annotations
 
@@ -10,64 +11,70 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import redis.asyncio as aioredis
 from botocore.exceptions import ClientError
 
 from cloud_ingest.config import IngestSettings
-from cloud_ingest.filters import check_integrity
-from shared.keys import record_key
+from cloud_ingest.filters import Analysis, analyse, verdict
+from cloud_ingest.preprocess import frames_to_shard
+from shared.keys import recent_hashes_key, record_key, shard_key
 from shared.manifest import Manifest, Rejected, SignedManifest, verify_fields
 from shared.queue import Entry
-from shared.s3 import is_not_found
+from shared.s3 import is_not_found, object_exists
 
 
 @dataclass(slots=True)
 class Outcome:
-    status: str  # "processed" or "duplicate"
+    status: str  # "processed" (accepted or rejected by a filter) or "duplicate"
     manifest: Manifest
+    verdict: str = "accepted"  # or the filter's reason
     timings: dict[str, float] = field(default_factory=dict)
 
 
 class ChunkProcessor:
-    def __init__(self, settings: IngestSettings, s3: Any, consumer: str) -> None:
+    def __init__(
+        self, settings: IngestSettings, s3: Any, redis: aioredis.Redis, consumer: str
+    ) -> None:
         self.settings = settings
         self.s3 = s3
+        self.redis = redis
         self.consumer = consumer
         self.keyring = settings.secrets()
+        self.thresholds = settings.thresholds()
+        self.options = settings.preprocess()
 
     async def process(self, entry: Entry) -> Outcome:
         """Raises Rejected for what can never succeed; other errors mean 'retry later'."""
         signed = verify_fields(entry.fields, self.keyring)
         m = signed.manifest
         rkey = record_key(self.settings.output_prefix, m)
-        if await self._exists(rkey):
+        if await object_exists(self.s3, self.settings.output_bucket, rkey):
             return Outcome("duplicate", m)
         timings: dict[str, float] = {}
         t0 = time.monotonic()
         data = await self._download(m)
-        timings["download_s"] = time.monotonic() - t0
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
         if digest != m.sha256:
             raise Rejected("sha256_mismatch", f"object {m.key} hashes to {digest}")
+        timings["download_s"] = time.monotonic() - t0
         t0 = time.monotonic()
-        integrity = await asyncio.to_thread(check_integrity, data, m)
+        analysis = await asyncio.to_thread(analyse, data, m, self.thresholds)
+        analysis.reason = verdict(analysis, self.thresholds, await self._recent(m))
+        await self._remember(m, analysis.dhash)
         timings["filter_s"] = time.monotonic() - t0
-        record = self._record(signed, entry, integrity.as_dict())
+        shard = None
+        if analysis.reason is None:
+            t0 = time.monotonic()
+            shard = await self._preprocess(data, m, analysis)
+            timings["preprocess_s"] = time.monotonic() - t0
+        record = self._record(signed, entry, analysis, shard)
         await self.s3.put_object(
             Bucket=self.settings.output_bucket,
             Key=rkey,
             Body=record,
             ContentType="application/json",
         )
-        return Outcome("processed", m, timings)
-
-    async def _exists(self, key: str) -> bool:
-        try:
-            await self.s3.head_object(Bucket=self.settings.output_bucket, Key=key)
-        except ClientError as exc:
-            if is_not_found(exc):
-                return False
-            raise
-        return True
+        return Outcome("processed", m, analysis.reason or "accepted", timings)
 
     async def _download(self, m: Manifest) -> bytes:
         if m.size_bytes > self.settings.max_chunk_bytes:
@@ -86,12 +93,60 @@ class ChunkProcessor:
             raise Rejected("size_mismatch", f"{len(data)} bytes, manifest says {m.size_bytes}")
         return data
 
-    def _record(self, signed: SignedManifest, entry: Entry, integrity: dict[str, Any]) -> bytes:
+    async def _recent(self, m: Manifest) -> list[str]:
+        """Hashes of this camera's recent chunks, other than this very chunk (a redelivery)."""
+        if self.settings.filter_recent_chunks == 0:
+            return []
+        raw: Any = await self.redis.lrange(recent_hashes_key(m.site_id, m.camera_id), 0, -1)
+        out = []
+        for item in raw:
+            chunk_id, _, digest = item.decode().partition(":")
+            if chunk_id != m.chunk_id:
+                out.append(digest)
+        return out
+
+    async def _remember(self, m: Manifest, digest: str) -> None:
+        n = self.settings.filter_recent_chunks
+        if n == 0:
+            return
+        key = recent_hashes_key(m.site_id, m.camera_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, f"{m.chunk_id}:{digest}")
+            pipe.ltrim(key, 0, n - 1)
+            pipe.expire(key, 7 * 86400)
+            await pipe.execute()
+
+    async def _preprocess(self, data: bytes, m: Manifest, analysis: Analysis) -> dict[str, Any]:
+        scores = json.dumps(analysis.scores, sort_keys=True)
+        body, frames = await asyncio.to_thread(frames_to_shard, data, m, self.options, scores)
+        key = shard_key(self.settings.output_prefix, m)
+        await self.s3.put_object(
+            Bucket=self.settings.output_bucket,
+            Key=key,
+            Body=body,
+            ContentType="application/vnd.apache.parquet",
+        )
+        return {
+            "key": key,
+            "frames": frames,
+            "bytes": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
+
+    def _record(
+        self, signed: SignedManifest, entry: Entry, analysis: Analysis, shard: dict[str, Any] | None
+    ) -> bytes:
         doc = {
             "chunk_id": signed.manifest.chunk_id,
+            "status": "accepted" if analysis.reason is None else "rejected",
+            "reason": analysis.reason,
+            "scores": analysis.scores,
             "manifest": signed.manifest.model_dump(mode="json"),
             "signature": signed.signature.model_dump(mode="json"),
-            "integrity": integrity,
+            "integrity": {
+                k: v for k, v in analysis.as_dict().items() if k not in ("scores", "reason")
+            },
+            "shard": shard,
             "stream_entry_id": entry.id.decode(),
             "deliveries": entry.deliveries,
             "consumer": self.consumer,

@@ -9,9 +9,19 @@ import av
 import numpy as np
 
 
-def _frame(i: int, width: int, height: int) -> np.ndarray:
-    """A moving gradient with a bright square: cheap to make, never static, never dark."""
+def _frame(i: int, width: int, height: int, pattern: str = "moving") -> np.ndarray:
+    """Synthetic content. ``moving`` (default): a moving gradient with a bright square, never
+    static, dark or blurred. The others exist to trip one filter each."""
     y, x = np.mgrid[0:height, 0:width]
+    if pattern in ("dark", "bright"):
+        base = np.full((height, width, 3), 6 if pattern == "dark" else 248, dtype=np.uint8)
+        texture: np.ndarray = _frame(i, width, height) // 40
+        return base + texture.astype(np.uint8)
+    if pattern == "blurred":  # smooth, low-frequency, moving: no edges at all
+        v = 128 + 60 * np.sin((x + 3 * i) / 37.0) * np.cos((y - 2 * i) / 41.0)
+        return np.repeat(v[..., None], 3, axis=2).astype(np.uint8)
+    if pattern == "static":
+        return _frame(0, width, height)
     img = np.empty((height, width, 3), dtype=np.uint8)
     img[..., 0] = (x + i * 4) % 256
     img[..., 1] = (y + i * 2) % 256
@@ -34,6 +44,7 @@ def make_clip(
     codec: str = "libx264",
     audio: bool = False,
     bitrate: int | None = None,
+    pattern: str = "moving",
 ) -> Path:
     """Write an MP4 (H.264 by default) with a fixed GOP; optionally an AAC track."""
     gop = gop or fps
@@ -66,7 +77,7 @@ def make_clip(
         aus = out.add_stream("aac", rate=16000) if audio else None
         assert aus is None or isinstance(aus, av.AudioStream)
         for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(_frame(i, width, height), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(_frame(i, width, height, pattern), format="rgb24")
             frame.pts = i * 1000
             frame.time_base = Fraction(1, fps * 1000)
             out.mux(vs.encode(frame))

@@ -24,7 +24,8 @@ def launch_line(clip, fps, width, height):
             f"! rtph264pay name=pay0 pt=96 config-interval=1 )"
         )
     return (
-        f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={width},"
+        f"( videotestsrc is-live=true pattern=ball background-color=0xff7f6f5f "
+        f"! video/x-raw,width={width},"
         f"height={height},framerate={fps}/1 ! x264enc tune=zerolatency "
         f"speed-preset=ultrafast key-int-max={fps} ! rtph264pay name=pay0 pt=96 "
         f"config-interval=1 )"

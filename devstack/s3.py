@@ -43,3 +43,7 @@ class S3:
     async def records(self, bucket: str) -> list[dict[str, Any]]:
         keys = await self.keys(bucket, "processed/records/")
         return [json.loads(await self.get(bucket, k)) for k in keys]
+
+    async def chunk_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Raw chunk objects only (not the signed manifests stored beside them)."""
+        return [k for k in await self.keys(bucket, prefix) if k.endswith(".mp4")]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import redis.asyncio as aioredis
 
 from edge_agent.config import EdgeSettings
 from edge_agent.segmenter import ClosedChunk
 from edge_agent.spool import Position
 from shared import __version__
-from shared.keys import chunk_key
+from shared.keys import chunk_key, manifest_key
 from shared.manifest import Manifest, derive_chunk_id, sign
 from shared.queue import publish
 
@@ -73,7 +76,17 @@ def with_evictions(manifest: Manifest, gap_s: float, count: int) -> Manifest:
     )
 
 
-async def announce(client: aioredis.Redis, settings: EdgeSettings, manifest: Manifest) -> bytes:
-    """Sign with the current key (rotation-friendly) and XADD; returns the entry id."""
-    signed = sign(manifest, settings.signing_key_id, settings.secret())
-    return await publish(client, settings.stream, signed.to_fields())
+async def announce(
+    client: aioredis.Redis, s3: Any, settings: EdgeSettings, manifest: Manifest
+) -> bytes:
+    """Sign with the current key (rotation-friendly), store the signed manifest beside the
+    chunk (what ``cloud-ingest reconcile`` rebuilds the queue from), then XADD it."""
+    fields = sign(manifest, settings.signing_key_id, settings.secret()).to_fields()
+    sidecar = json.dumps({k: v.decode() for k, v in fields.items()}, sort_keys=True).encode()
+    await s3.put_object(
+        Bucket=manifest.bucket,
+        Key=manifest_key(manifest.key),
+        Body=sidecar,
+        ContentType="application/json",
+    )
+    return await publish(client, settings.stream, fields)

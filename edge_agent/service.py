@@ -55,6 +55,7 @@ class EdgeService:
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.workers: list[CameraWorker] = []
+        self.s3: Any = None
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -64,7 +65,9 @@ class EdgeService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         async with AsyncExitStack() as stack:
-            s3 = await open_s3(stack, self.settings.s3_endpoint_url, self.settings.s3_region)
+            s3 = self.s3 = await open_s3(
+                stack, self.settings.s3_endpoint_url, self.settings.s3_region
+            )
             redis = aioredis.from_url(
                 self.settings.redis_url.get_secret_value(),
                 socket_timeout=10,
@@ -281,7 +284,7 @@ class EdgeService:
         gap, evicted = self.spool.evicted_run_before(m.camera_id, m.seq)
         m = with_evictions(m, gap, evicted)
         t0 = time.monotonic()
-        entry_id = await announce(redis, self.settings, m)
+        entry_id = await announce(redis, self.s3, self.settings, m)
         timings["announce_s"] = round(time.monotonic() - t0, 4)
         self.spool.mark_announced(rec.chunk_id)
         self.metrics.announced.labels(m.camera_id).inc()

@@ -27,12 +27,33 @@ def chunk_key(prefix: str, site_id: str, camera_id: str, start: datetime, seq: i
     return _join(prefix, site_id, camera_id, _hour_path(start), f"{stamp}-{seq:010d}.mp4")
 
 
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def manifest_key(chunk_key: str) -> str:
+    """The signed manifest beside its chunk: the bucket alone can rebuild the queue."""
+    return chunk_key + MANIFEST_SUFFIX
+
+
 def record_key(prefix: str, manifest: Manifest) -> str:
     """The per-chunk result record; its existence is the chunk's done marker."""
     m = manifest
     return _join(
         prefix, "records", m.site_id, m.camera_id, _hour_path(m.start_time), f"{m.chunk_id}.json"
     )
+
+
+def shard_key(prefix: str, manifest: Manifest) -> str:
+    """One Parquet shard of sampled, resized frames per accepted chunk."""
+    m = manifest
+    return _join(
+        prefix, "shards", m.site_id, m.camera_id, _hour_path(m.start_time), f"{m.chunk_id}.parquet"
+    )
+
+
+def recent_hashes_key(site_id: str, camera_id: str) -> str:
+    """Perceptual hashes of a camera's recent chunks, for the near-duplicate filter."""
+    return f"ingest:dhash:{site_id}:{camera_id}"
 
 
 def dlq_stream(stream: str) -> str:

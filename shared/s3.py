@@ -36,3 +36,13 @@ def is_not_found(exc: ClientError) -> bool:
         "NotFound",
         "NoSuchBucket",
     )
+
+
+async def object_exists(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        await s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return False
+        raise
+    return True

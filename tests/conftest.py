@@ -10,13 +10,16 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from devstack.media import make_clip
 from devstack.servers import RedisServer, RtspServer, SeaweedS3
-from tests.support import S3, Stack, base_env
+from edge_agent.segmenter import ClosedChunk
+from shared.queue import ensure_group
+from tests.support import S3, Edge, Stack, base_env, segment_file
 
 _bucket_ids = itertools.count()
 
@@ -93,3 +96,17 @@ async def stack(redis_url: str, s3: S3, ray_address: str, tmp_path: Path) -> Sta
     for b in (raw, out):
         await s3.client.create_bucket(Bucket=b)
     return Stack(redis_url, s3.endpoint, ray_address, raw, out, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def chunks(clip: Path, session_dir: Path) -> list[ClosedChunk]:
+    """The session clip cut into three 2 s chunks, as the agent would cut it."""
+    return segment_file(clip, session_dir / "chunks", 2.0)
+
+
+@pytest.fixture
+async def edge(stack: Stack, s3: S3) -> Any:
+    client = aioredis.from_url(stack.redis_url)
+    await ensure_group(client, "chunks", "ingest")
+    yield Edge(stack, s3, client)
+    await client.aclose()

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ import redis.asyncio as aioredis
 from devstack import daemons
 from devstack.daemons import BIN, Daemon, log_events
 from devstack.s3 import S3
-from shared.keys import dlq_stream
+from edge_agent.segmenter import ClosedChunk
+from shared.keys import chunk_key, dlq_stream
+from shared.manifest import Manifest, derive_chunk_id, sign
+from shared.queue import publish
 
 __all__ = ["BIN", "S3", "Daemon", "log_events"]
 SECRET = "test-signing-secret"
@@ -130,7 +134,7 @@ def segment_file(
     import threading
 
     from edge_agent.capture import Source, SourceSpec
-    from edge_agent.segmenter import ClosedChunk, Segmenter
+    from edge_agent.segmenter import Segmenter
 
     chunks: list[ClosedChunk] = []
     source = Source(f"file://{clip}", threading.Event())
@@ -143,3 +147,60 @@ def segment_file(
     seg.flush()
     source.close()
     return chunks
+
+
+@dataclass
+class Edge:
+    """Plays a (possibly misbehaving) edge device: uploads a chunk and announces it."""
+
+    stack: Stack
+    s3: S3
+    redis: aioredis.Redis
+
+    async def send(
+        self,
+        chunk: ClosedChunk,
+        seq: int,
+        *,
+        data: bytes | None = None,
+        upload: bool = True,
+        key_id: str = KEY_ID,
+        secret: str = SECRET,
+        tamper: bool = False,
+        **fields: Any,
+    ) -> Manifest:
+        body = chunk.path.read_bytes() if data is None else data
+        start = datetime(2026, 11, 22, 4, tzinfo=UTC) + timedelta(seconds=2 * seq)
+        doc: dict[str, Any] = {
+            "chunk_id": derive_chunk_id("dev-1", "cam1", seq, chunk.sha256),
+            "device_id": "dev-1",
+            "site_id": "site-1",
+            "camera_id": "cam1",
+            "seq": seq,
+            "bucket": self.stack.raw_bucket,
+            "key": chunk_key("raw", "site-1", "cam1", start, seq),
+            "size_bytes": len(body),
+            "sha256": chunk.sha256 if data is None else sha256(body),
+            "container": "mp4",
+            "codec": chunk.codec,
+            "width": chunk.width,
+            "height": chunk.height,
+            "frame_count": chunk.frame_count,
+            "keyframe_count": chunk.keyframe_count,
+            "start_time": start,
+            "end_time": start + timedelta(seconds=2),
+            "media_start_s": 2.0 * seq,
+            "media_duration_s": 2.0,
+            "discontinuity": False,
+            "gap_before_s": 0.0,
+            "agent_version": "test",
+        }
+        doc.update(fields)
+        manifest = Manifest.model_validate(doc)
+        if upload:
+            await self.s3.put(manifest.bucket, manifest.key, body)
+        entry = sign(manifest, key_id, secret.encode()).to_fields()
+        if tamper:
+            entry["manifest"] = entry["manifest"].replace(b'"seq":', b'"seq":1')
+        await publish(self.redis, "chunks", entry)
+        return manifest

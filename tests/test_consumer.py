@@ -2,107 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
-import pytest
 import ray
-import redis.asyncio as aioredis
 
 from edge_agent.segmenter import ClosedChunk
-from shared.keys import chunk_key
-from shared.manifest import Manifest, derive_chunk_id, sign
-from shared.queue import ensure_group, publish
+from shared.queue import publish
 from tests.support import (
-    KEY_ID,
     S3,
-    SECRET,
+    Edge,
     Stack,
     cloud_ingest,
     eventually,
     queue_state,
-    segment_file,
 )
-
-
-@pytest.fixture(scope="session")
-def chunks(clip: Path, session_dir: Path) -> list[ClosedChunk]:
-    return segment_file(clip, session_dir / "chunks", 2.0)
-
-
-@dataclasses.dataclass
-class Edge:
-    """Plays a (possibly misbehaving) edge device: uploads a chunk and announces it."""
-
-    stack: Stack
-    s3: S3
-    redis: aioredis.Redis
-
-    async def send(
-        self,
-        chunk: ClosedChunk,
-        seq: int,
-        *,
-        data: bytes | None = None,
-        upload: bool = True,
-        key_id: str = KEY_ID,
-        secret: str = SECRET,
-        tamper: bool = False,
-        **fields: Any,
-    ) -> Manifest:
-        body = chunk.path.read_bytes() if data is None else data
-        start = datetime(2026, 11, 22, 4, tzinfo=UTC) + timedelta(seconds=2 * seq)
-        doc: dict[str, Any] = {
-            "chunk_id": derive_chunk_id("dev-1", "cam1", seq, chunk.sha256),
-            "device_id": "dev-1",
-            "site_id": "site-1",
-            "camera_id": "cam1",
-            "seq": seq,
-            "bucket": self.stack.raw_bucket,
-            "key": chunk_key("raw", "site-1", "cam1", start, seq),
-            "size_bytes": len(body),
-            "sha256": chunk.sha256 if data is None else _sha(body),
-            "container": "mp4",
-            "codec": chunk.codec,
-            "width": chunk.width,
-            "height": chunk.height,
-            "frame_count": chunk.frame_count,
-            "keyframe_count": chunk.keyframe_count,
-            "start_time": start,
-            "end_time": start + timedelta(seconds=2),
-            "media_start_s": 2.0 * seq,
-            "media_duration_s": 2.0,
-            "discontinuity": False,
-            "gap_before_s": 0.0,
-            "agent_version": "test",
-        }
-        doc.update(fields)
-        manifest = Manifest.model_validate(doc)
-        if upload:
-            await self.s3.put(manifest.bucket, manifest.key, body)
-        entry = sign(manifest, key_id, secret.encode()).to_fields()
-        if tamper:
-            entry["manifest"] = entry["manifest"].replace(b'"seq":', b'"seq":1')
-        await publish(self.redis, "chunks", entry)
-        return manifest
-
-
-@pytest.fixture
-async def edge(stack: Stack, s3: S3) -> Any:
-    client = aioredis.from_url(stack.redis_url)
-    await ensure_group(client, "chunks", "ingest")
-    yield Edge(stack, s3, client)
-    await client.aclose()
-
-
-def _sha(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 async def test_consumer_dead_letters_what_can_never_succeed(

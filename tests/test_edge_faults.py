@@ -72,7 +72,7 @@ async def audit(stack: Stack) -> dict[str, Any]:
     announced = [r for r in rows if r["state"] == "announced"]
     stream = await announced_manifests(stack.redis_url)
     async with S3(stack.s3_endpoint) as s3:
-        keys = set(await s3.keys(stack.raw_bucket))
+        keys = set(await s3.chunk_keys(stack.raw_bucket))
         corrupt = 0
         for r in announced:
             m = r["manifest"]

@@ -13,9 +13,13 @@ import redis.asyncio as aioredis
 
 from devstack.media import make_clip, remux
 from devstack.servers import HttpFileServer, RtspServer
+from shared.keys import manifest_key
+from shared.manifest import verify_fields
 from tests.support import (
     BIN,
+    KEY_ID,
     S3,
+    SECRET,
     Daemon,
     Stack,
     cloud_ingest,
@@ -33,15 +37,20 @@ async def processed_records(s3: S3, stack: Stack) -> list[dict[str, Any]]:
 
 async def assert_all_accounted_for(s3: S3, stack: Stack, cloud: Daemon) -> list[dict[str, Any]]:
     """Every raw chunk in S3 matches its manifest and was processed exactly once."""
-    raw_keys = await s3.keys(stack.raw_bucket)
+    raw_keys = await s3.chunk_keys(stack.raw_bucket)
     records = await processed_records(s3, stack)
     assert raw_keys, "no chunks were uploaded"
     manifests = [r["manifest"] for r in records]
     assert sorted(m["key"] for m in manifests) == raw_keys
+    keyring = {KEY_ID: SECRET.encode()}
     for m in manifests:
         data = await s3.get(stack.raw_bucket, m["key"])
         assert sha256(data) == m["sha256"]
         assert len(data) == m["size_bytes"]
+        # The signed manifest sits beside its chunk, so the bucket alone can rebuild the queue.
+        sidecar = json.loads(await s3.get(stack.raw_bucket, manifest_key(m["key"])))
+        fields = {k.encode(): v.encode() for k, v in sidecar.items()}
+        assert verify_fields(fields, keyring).manifest.chunk_id == m["chunk_id"]
     chunk_ids = [r["chunk_id"] for r in records]
     assert len(set(chunk_ids)) == len(chunk_ids)
     state = await queue_state(stack.redis_url)
@@ -152,7 +161,7 @@ async def test_pipeline_seq_survives_restart_and_gap_is_flagged(
             assert edge.terminate() == 0
         finally:
             edge.kill()
-    raw = await s3.keys(stack.raw_bucket)
+    raw = await s3.chunk_keys(stack.raw_bucket)
     seqs = sorted(int(k.rsplit("-", 1)[1].split(".")[0]) for k in raw)
     assert seqs == list(range(len(seqs)))  # strictly increasing across the restart, no reuse
     first_after_restart = log_events(stack.workdir / "edge1.log", "chunk")[0]
@@ -184,7 +193,7 @@ async def test_pipeline_http_camera_is_captured(stack: Stack, s3: S3, clip: Path
         server.stop()
     chunks = edge.events("chunk")
     assert sum(c["frames"] for c in chunks) >= 90  # the whole recording (then it reconnects)
-    assert len(await s3.keys(stack.raw_bucket, "raw/site-1/web/")) == len(chunks)
+    assert len(await s3.chunk_keys(stack.raw_bucket, "raw/site-1/web/")) == len(chunks)
 
 
 async def test_pipeline_status_command_reports_queue(stack: Stack) -> None:
