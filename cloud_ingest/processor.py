@@ -17,10 +17,15 @@ from botocore.exceptions import ClientError
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.filters import Analysis, analyse, verdict
 from cloud_ingest.preprocess import frames_to_shard
-from shared.keys import recent_hashes_key, record_key, shard_key
+from shared.keys import chunk_lock_key, recent_hashes_key, record_key, shard_key
 from shared.manifest import Manifest, Rejected, SignedManifest, verify_fields
 from shared.queue import Entry
 from shared.s3 import is_not_found, object_exists
+
+# Delete the lock only if we still hold it.
+_UNLOCK = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
 
 
 @dataclass(slots=True)
@@ -50,6 +55,24 @@ class ChunkProcessor:
         rkey = record_key(self.settings.output_prefix, m)
         if await object_exists(self.s3, self.settings.output_bucket, rkey):
             return Outcome("duplicate", m)
+        owner = f"{self.consumer}/{entry.id.decode()}"
+        if not await self._lock(m, owner):  # another copy is being processed right now
+            return Outcome("duplicate", m)
+        try:
+            return await self._process(entry, signed, rkey)
+        finally:
+            await self.redis.eval(_UNLOCK, 1, chunk_lock_key(m.chunk_id), owner)
+
+    async def _lock(self, m: Manifest, owner: str) -> bool:
+        key = chunk_lock_key(m.chunk_id)
+        ttl_ms = int(max(60.0, 2 * self.settings.visibility_timeout_s) * 1000)
+        if await self.redis.set(key, owner, nx=True, px=ttl_ms):
+            return True
+        holder: Any = await self.redis.get(key)
+        return bool(holder == owner.encode())  # this very entry, taken before a crash
+
+    async def _process(self, entry: Entry, signed: SignedManifest, rkey: str) -> Outcome:
+        m = signed.manifest
         timings: dict[str, float] = {}
         t0 = time.monotonic()
         data = await self._download(m)

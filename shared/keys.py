@@ -56,6 +56,12 @@ def recent_hashes_key(site_id: str, camera_id: str) -> str:
     return f"ingest:dhash:{site_id}:{camera_id}"
 
 
+def chunk_lock_key(chunk_id: str) -> str:
+    """Held while a consumer works on a chunk, so two copies of one manifest are not
+    processed at the same time; expires on its own if the holder dies."""
+    return f"ingest:lock:{chunk_id}"
+
+
 def dlq_stream(stream: str) -> str:
     """Dead letters of ``stream`` (contract name)."""
     return f"{stream}:dlq"
