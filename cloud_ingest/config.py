@@ -41,6 +41,8 @@ class IngestSettings(BaseSettings):
     actor_cpus: float = Field(default=1.0, ge=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
     max_chunk_bytes: int = Field(default=512 * 1024**2, gt=0)
+    # Decode/filter/preprocess of one chunk past this is a failed attempt (retried, then DLQ).
+    process_timeout_s: float = Field(default=300.0, gt=0)
     # Filters (scores below/above these reject a chunk, with its reason and scores recorded)
     filter_dark_luma: float = Field(default=20.0, ge=0, le=255)
     filter_bright_luma: float = Field(default=235.0, ge=0, le=255)

@@ -17,10 +17,12 @@ from contextlib import AsyncExitStack
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.processor import ChunkProcessor
 from shared import logs
+from shared.backoff import Backoff
 from shared.manifest import Rejected
 from shared.queue import Entry, GroupConsumer, ReapCursor
 from shared.s3 import open_s3
@@ -68,19 +70,27 @@ class Consumer:
         return dict(self.counts)
 
     async def _drain_loop(self, queue: GroupConsumer, processor: ChunkProcessor) -> None:
-        capacity = self.settings.batch_size
+        backoff = Backoff(base=0.2, cap=5.0)
         while not self._stop.is_set():
-            free = capacity - len(self._in_flight)
-            if free > 0:
-                for entry in await self._fetch(queue, free):
-                    if entry.id in self._in_flight:  # our own, reclaimed: already working on it
-                        continue
-                    self._in_flight[entry.id] = asyncio.create_task(
-                        self._one(queue, processor, entry)
-                    )
-            else:
-                await asyncio.wait(self._in_flight.values(), return_when=asyncio.FIRST_COMPLETED)
-            await self._flush_acks(queue)
+            try:
+                await self._step(queue, processor)
+                backoff.reset()
+            except RedisError as exc:  # Redis restarting or unreachable: wait, keep our work
+                self.counts["redis_errors"] += 1
+                delay = backoff.next()
+                log.warning("queue.unavailable", error=repr(exc)[:200], retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def _step(self, queue: GroupConsumer, processor: ChunkProcessor) -> None:
+        free = self.settings.batch_size - len(self._in_flight)
+        if free > 0:
+            for entry in await self._fetch(queue, free):
+                if entry.id in self._in_flight:  # our own, reclaimed: already working on it
+                    continue
+                self._in_flight[entry.id] = asyncio.create_task(self._one(queue, processor, entry))
+        else:
+            await asyncio.wait(self._in_flight.values(), return_when=asyncio.FIRST_COMPLETED)
+        await self._flush_acks(queue)
 
     async def _fetch(self, queue: GroupConsumer, count: int) -> list[Entry]:
         """Stale entries of dead consumers (reaper) when due, else own pending, else new."""
@@ -111,6 +121,8 @@ class Consumer:
             async with self._slots:
                 outcome = await processor.process(entry)
             self.counts[outcome.status] += 1
+            if outcome.status == "busy":
+                return  # stays pending; redelivered once the other copy is done
             if outcome.status == "processed":
                 self.counts[f"verdict_{outcome.verdict}"] += 1
             self._acks.append(entry.id)
@@ -130,12 +142,32 @@ class Consumer:
             await self._dead_letter(queue, entry, exc)
         except Exception as exc:  # transient: stays pending, the reaper brings it back
             self.counts["failed_attempts"] += 1
-            log.warning("chunk.retry_later", entry_id=entry.id.decode(), error=repr(exc)[:300])
+            log.warning(
+                "chunk.retry_later",
+                entry_id=entry.id.decode(),
+                deliveries=entry.deliveries,
+                error=repr(exc)[:300],
+            )
+            if entry.deliveries >= self.settings.max_deliveries:  # that was the last try
+                await self._dead_letter(
+                    queue,
+                    entry,
+                    Rejected(
+                        "max_deliveries",
+                        f"failed {entry.deliveries} deliveries, last: {exc!r}"[:500],
+                    ),
+                )
         finally:
             self._in_flight.pop(entry.id, None)
 
     async def _dead_letter(self, queue: GroupConsumer, entry: Entry, exc: Rejected) -> None:
-        await queue.dead_letter(entry, exc.reason, exc.detail)
+        try:
+            await queue.dead_letter(entry, exc.reason, exc.detail)
+        except RedisError as err:  # stays pending; the next delivery rejects it again
+            log.warning(
+                "chunk.dead_letter_failed", entry_id=entry.id.decode(), error=repr(err)[:200]
+            )
+            return
         self.counts["dead_lettered"] += 1
         self.counts[f"rejected_{exc.reason}"] += 1
         log.warning(
@@ -149,7 +181,11 @@ class Consumer:
 
     async def _flush_acks(self, queue: GroupConsumer) -> None:
         acks, self._acks = self._acks, []
-        await queue.ack(acks)
+        try:
+            await queue.ack(acks)
+        except RedisError:
+            self._acks.extend(acks)  # not lost: retried with the next flush
+            raise
 
     async def _finish(self, queue: GroupConsumer) -> None:
         """Drain: finish what is in flight (bounded), acknowledge it, then return."""

@@ -7,9 +7,10 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from botocore.exceptions import ClientError
@@ -22,6 +23,8 @@ from shared.manifest import Manifest, Rejected, SignedManifest, verify_fields
 from shared.queue import Entry
 from shared.s3 import is_not_found, object_exists
 
+T = TypeVar("T")
+
 # Delete the lock only if we still hold it.
 _UNLOCK = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -30,7 +33,9 @@ _UNLOCK = (
 
 @dataclass(slots=True)
 class Outcome:
-    status: str  # "processed" (accepted or rejected by a filter) or "duplicate"
+    # "processed" (accepted or rejected by a filter), "duplicate" (done before: ack),
+    # "busy" (another copy in progress: leave pending)
+    status: str
     manifest: Manifest
     verdict: str = "accepted"  # or the filter's reason
     timings: dict[str, float] = field(default_factory=dict)
@@ -55,9 +60,12 @@ class ChunkProcessor:
         rkey = record_key(self.settings.output_prefix, m)
         if await object_exists(self.s3, self.settings.output_bucket, rkey):
             return Outcome("duplicate", m)
-        owner = f"{self.consumer}/{entry.id.decode()}"
-        if not await self._lock(m, owner):  # another copy is being processed right now
-            return Outcome("duplicate", m)
+        # The lock is held per chunk, by stream entry. Another entry of the same chunk (a
+        # copy announced twice) waits, unacknowledged; this entry reclaimed from a consumer
+        # that died (its lease ran out) takes the lock over.
+        owner = entry.id.decode()
+        if not await self._lock(m, owner):
+            return Outcome("busy", m)
         try:
             return await self._process(entry, signed, rkey)
         finally:
@@ -69,7 +77,7 @@ class ChunkProcessor:
         if await self.redis.set(key, owner, nx=True, px=ttl_ms):
             return True
         holder: Any = await self.redis.get(key)
-        return bool(holder == owner.encode())  # this very entry, taken before a crash
+        return bool(holder == owner.encode())  # this very entry, from a consumer that died
 
     async def _process(self, entry: Entry, signed: SignedManifest, rkey: str) -> Outcome:
         m = signed.manifest
@@ -81,7 +89,7 @@ class ChunkProcessor:
             raise Rejected("sha256_mismatch", f"object {m.key} hashes to {digest}")
         timings["download_s"] = time.monotonic() - t0
         t0 = time.monotonic()
-        analysis = await asyncio.to_thread(analyse, data, m, self.thresholds)
+        analysis = await self._bounded(asyncio.to_thread(analyse, data, m, self.thresholds))
         analysis.reason = verdict(analysis, self.thresholds, await self._recent(m))
         await self._remember(m, analysis.dhash)
         timings["filter_s"] = time.monotonic() - t0
@@ -98,6 +106,14 @@ class ChunkProcessor:
             ContentType="application/json",
         )
         return Outcome("processed", m, analysis.reason or "accepted", timings)
+
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        """Media work under INGEST_PROCESS_TIMEOUT_S: a chunk that hangs the decoder fails
+        this attempt (and, after INGEST_MAX_DELIVERIES attempts, goes to the DLQ)."""
+        try:
+            return await asyncio.wait_for(work, self.settings.process_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"media work exceeded {self.settings.process_timeout_s}s") from None
 
     async def _download(self, m: Manifest) -> bytes:
         if m.size_bytes > self.settings.max_chunk_bytes:
@@ -141,7 +157,9 @@ class ChunkProcessor:
 
     async def _preprocess(self, data: bytes, m: Manifest, analysis: Analysis) -> dict[str, Any]:
         scores = json.dumps(analysis.scores, sort_keys=True)
-        body, frames = await asyncio.to_thread(frames_to_shard, data, m, self.options, scores)
+        body, frames = await self._bounded(
+            asyncio.to_thread(frames_to_shard, data, m, self.options, scores)
+        )
         key = shard_key(self.settings.output_prefix, m)
         await self.s3.put_object(
             Bucket=self.settings.output_bucket,

@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError
 
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.consumer import Consumer
+from shared.backoff import Backoff
 from shared.queue import ensure_group
 
 log = structlog.get_logger("cloud_ingest")
@@ -43,6 +44,7 @@ class Supervisor:
         self.restarts = 0
         self.totals: Counter[str] = Counter()
         self.stopping = threading.Event()
+        self.backoff: dict[int, Backoff] = {}
 
     def consumer_name(self, index: int) -> str:
         return f"consumer-{index}"
@@ -77,6 +79,9 @@ class Supervisor:
             log.warning("consumer.exited", consumer=self.consumer_name(index))
         except RayActorError as exc:
             log.warning("consumer.died", consumer=self.consumer_name(index), error=str(exc)[:300])
+        except Exception as exc:  # run() raised: a bug or a dependency; log and run it again
+            log.error("consumer.failed", consumer=self.consumer_name(index), error=str(exc)[:1000])
+            time.sleep(self.backoff.setdefault(index, Backoff(1.0, 30.0)).next())
         self.restarts += 1
         self.runs[self.actors[index].run.remote()] = index
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+from pathlib import Path
 
+import pytest
 import ray
 
+from devstack.media import make_clip
 from edge_agent.segmenter import ClosedChunk
 from shared.queue import publish
 from tests.support import (
@@ -16,6 +20,7 @@ from tests.support import (
     cloud_ingest,
     eventually,
     queue_state,
+    segment_file,
 )
 
 
@@ -129,3 +134,82 @@ async def test_consumer_killed_mid_run_loses_nothing(
     assert cloud.events("consumer.died"), "the supervisor did not notice the kill"
     [stopped] = cloud.events("deployment.stopped")
     assert stopped["restarts"] >= 1
+
+
+@pytest.fixture(scope="session")
+def slow_chunk(session_dir: Path) -> ClosedChunk:
+    """A 1280x720, 30 s chunk: seconds of decode and JPEG work, where the small test chunks
+    take a tenth of a second."""
+    clip = make_clip(session_dir / "slow.mp4", 30, width=1280, height=720, fps=15)
+    [chunk] = segment_file(clip, session_dir / "slow", 30.0)
+    return chunk
+
+
+async def test_consumer_poison_chunk_dead_lettered_after_exactly_max_deliveries(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk], slow_chunk: ClosedChunk
+) -> None:
+    """A chunk whose processing always overruns INGEST_PROCESS_TIMEOUT_S (seconds of work
+    against a 0.5 s limit) fails exactly INGEST_MAX_DELIVERIES (3) attempts and is then
+    dead-lettered; small chunks (~0.1 s of work) flow past it."""
+    await edge.send(slow_chunk, 0)
+    for seq, c in enumerate(chunks, start=1):
+        await edge.send(c, seq)
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_PROCESS_TIMEOUT_S="0.5",
+        INGEST_VISIBILITY_TIMEOUT_S="1",
+        INGEST_SAMPLE_FPS="15",
+        INGEST_RESIZE_SHORT_SIDE="720",
+        INGEST_FILTER_RECENT_CHUNKS="0",
+    )
+    try:
+
+        async def settled() -> bool:
+            st = await queue_state(stack.redis_url)
+            return st["dlq"] == 1 and st["pending"] == 0 and st["length"] == 0
+
+        await eventually(settled, 120, "the poison chunk in the DLQ")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    [(_, letter)] = await edge.redis.xrange("chunks:dlq")
+    assert letter[b"reason"] == b"max_deliveries"
+    assert letter[b"deliveries"] == b"3"
+    assert b"TimeoutError" in letter[b"detail"]
+    records = await s3.records(stack.out_bucket)
+    assert sorted(r["manifest"]["seq"] for r in records) == [1, 2, 3]
+    [stopped] = cloud.events("deployment.stopped")
+    assert stopped["failed_attempts"] == 3
+
+
+async def test_consumer_chunk_slower_than_visibility_timeout_is_processed_once(
+    stack: Stack, s3: S3, edge: Edge, slow_chunk: ClosedChunk
+) -> None:
+    """Processing takes longer than INGEST_VISIBILITY_TIMEOUT_S=1; lease renewal keeps the
+    reaper of the other actor away, so there is one delivery and no reclaim."""
+    await edge.send(slow_chunk, 0)
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_VISIBILITY_TIMEOUT_S="1",
+        INGEST_SAMPLE_FPS="15",
+        INGEST_RESIZE_SHORT_SIDE="720",
+    )
+    try:
+
+        async def done() -> bool:
+            return len(await s3.records(stack.out_bucket)) == 1
+
+        await eventually(done, 120, "the slow chunk processed")
+        await asyncio.sleep(2)  # give a wrongful reclaim time to show up
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    [record] = await s3.records(stack.out_bucket)
+    assert record["deliveries"] == 1
+    [stopped] = cloud.events("deployment.stopped")
+    assert stopped.get("reclaimed", 0) == 0 and stopped.get("duplicate", 0) == 0
+    assert stopped["processed"] == 1
+    timings = [e for e in cloud.events("chunk")]  # actor lines may or may not be forwarded
+    assert all(e.get("deliveries", 1) == 1 for e in timings)
