@@ -36,6 +36,7 @@ class Consumer:
         self.settings = settings
         self.name = name
         self.counts: Counter[str] = Counter()
+        self.seconds: dict[str, float] = {}  # stage latencies, summed (seconds_download...)
         self._stop = asyncio.Event()
         self._in_flight: dict[bytes, asyncio.Task[None]] = {}
         self._acks: list[bytes] = []
@@ -48,8 +49,8 @@ class Consumer:
     async def stop(self) -> None:
         self._stop.set()
 
-    async def stats(self) -> dict[str, int]:
-        return {**self.counts, "in_flight": len(self._in_flight)}
+    async def stats(self) -> dict[str, float]:
+        return {**self.counts, **self.seconds, "in_flight": len(self._in_flight)}
 
     async def run(self) -> dict[str, int]:
         structlog.contextvars.bind_contextvars(consumer=self.name)
@@ -125,6 +126,9 @@ class Consumer:
                 return  # stays pending; redelivered once the other copy is done
             if outcome.status == "processed":
                 self.counts[f"verdict_{outcome.verdict}"] += 1
+                for stage, spent in outcome.timings.items():
+                    key = f"seconds_{stage.removesuffix('_s')}"
+                    self.seconds[key] = self.seconds.get(key, 0.0) + spent
             self._acks.append(entry.id)
             m = outcome.manifest
             log.info(

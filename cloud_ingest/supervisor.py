@@ -8,6 +8,8 @@ its predecessor's pending entries first. Task retries stay off
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -22,8 +24,10 @@ from ray.exceptions import RayActorError
 
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.consumer import Consumer
+from cloud_ingest.metrics import IngestMetrics
 from shared.backoff import Backoff
-from shared.queue import ensure_group
+from shared.http import serve
+from shared.queue import ensure_group, status
 
 log = structlog.get_logger("cloud_ingest")
 
@@ -104,9 +108,60 @@ class Supervisor:
         return 0
 
 
-def run(settings: IngestSettings) -> int:
-    import asyncio
+class Observer:
+    """Health and metrics from a thread of their own (the supervisor loop is synchronous):
+    every few seconds it reads the queue and every actor's ``stats()``."""
 
+    PERIOD_S = 5.0
+
+    def __init__(self, settings: IngestSettings, supervisor: Supervisor) -> None:
+        self.settings = settings
+        self.supervisor = supervisor
+        self.metrics = IngestMetrics()
+        self.ready = {"redis": False, "consumers": False}
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._thread, name="observer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    def _thread(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        async def ready() -> dict[str, bool]:
+            return dict(self.ready)
+
+        self.runner = await serve(self.settings.http_bind, self.metrics.registry, ready)
+        self.redis = aioredis.from_url(
+            self.settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3
+        )
+        self.task = asyncio.create_task(self._observe())
+
+    async def _observe(self) -> None:
+        while True:
+            queue = None
+            try:
+                queue = await status(self.redis, self.settings.stream, self.settings.group)
+                self.ready["redis"] = True
+            except Exception:
+                self.ready["redis"] = False
+            stats = []
+            for actor in list(self.supervisor.actors.values()):
+                with contextlib.suppress(Exception):  # restarting or dead: not counted alive
+                    stats.append(await asyncio.wait_for(actor.stats.remote(), 2))
+            self.ready["consumers"] = bool(stats)
+            self.metrics.update(queue, stats, self.supervisor.restarts)
+            await asyncio.sleep(self.PERIOD_S)
+
+
+def run(settings: IngestSettings) -> int:
     asyncio.run(prepare_queue(settings))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one canonical line per chunk, never folded
     ray.init(
@@ -120,7 +175,10 @@ def run(settings: IngestSettings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    observer = Observer(settings, supervisor)
+    observer.start()
     try:
         return supervisor.serve()
     finally:
+        observer.stop()
         ray.shutdown()

@@ -7,10 +7,12 @@ import os
 import signal
 from pathlib import Path
 
+import aiohttp
 import pytest
 import ray
 
 from devstack.media import make_clip
+from devstack.servers import free_port
 from edge_agent.segmenter import ClosedChunk
 from shared.queue import publish
 from tests.support import (
@@ -213,3 +215,38 @@ async def test_consumer_chunk_slower_than_visibility_timeout_is_processed_once(
     assert stopped["processed"] == 1
     timings = [e for e in cloud.events("chunk")]  # actor lines may or may not be forwarded
     assert all(e.get("deliveries", 1) == 1 for e in timings)
+
+
+async def test_consumer_deployment_serves_health_and_metrics(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    for seq, c in enumerate(chunks):
+        await edge.send(c, seq)
+    port = free_port()
+    cloud = cloud_ingest(stack, stack.workdir / "cloud.log", INGEST_HTTP_BIND=f"127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def counted() -> bool:
+                try:
+                    async with http.get(f"{base}/metrics") as resp:
+                        text = await resp.text()
+                except aiohttp.ClientError:
+                    return False
+                return 'cloud_ingest_chunks{outcome="processed"} 3.0' in text
+
+            await eventually(counted, 90, "3 processed chunks in /metrics")
+            async with http.get(f"{base}/readyz") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["checks"] == {"redis": True, "consumers": True}
+            async with http.get(f"{base}/healthz") as resp:
+                assert resp.status == 200
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+        assert "cloud_ingest_pending 0.0" in text and "cloud_ingest_dlq_length 0.0" in text
+        assert "cloud_ingest_consumers_alive 2.0" in text
+        assert 'cloud_ingest_stage_seconds_total{stage="preprocess"}' in text
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
