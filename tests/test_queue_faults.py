@@ -117,7 +117,7 @@ async def test_queue_faults_2000_manifests_ten_kills_and_a_redis_restart(
         "unexpected": len(set(got) - expected),
         "dlq": state["dlq"],
         "pending": state["pending"],
-        "processed_runs": stopped.get("processed", 0),
+        "processed_by_surviving_actors": stopped.get("processed", 0),
         "duplicates_acked": stopped.get("duplicate", 0),
         "busy": stopped.get("busy", 0),
         "reclaimed": stopped.get("reclaimed", 0),
