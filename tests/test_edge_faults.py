@@ -207,11 +207,8 @@ async def test_fault_s3_outage_60s_is_backfilled_without_discontinuity(
         s3.start()
         outage = time.monotonic() - down_at
 
-        async def backfilled() -> bool:
-            return not any(r["state"] in ("written", "uploaded") for r in ledger(stack))
-
         t0 = time.monotonic()
-        await eventually(backfilled, 90, "the backlog to drain")
+        await eventually(lambda: _drained(stack), 90, "the backlog to drain")
         backfill_s = time.monotonic() - t0
         assert edge.proc.poll() is None, "the agent died during the outage"
         assert edge.terminate() == 0
@@ -297,10 +294,7 @@ async def test_fault_spool_limit_during_s3_outage_evicts_by_policy(
         await asyncio.sleep(15)
         s3.start()
 
-        async def drained() -> bool:
-            return not any(r["state"] in ("written", "uploaded") for r in ledger(stack))
-
-        await eventually(drained, 90, "the backlog to drain")
+        await eventually(lambda: _drained(stack), 90, "the backlog to drain")
         n = announced_count(edge)
         await eventually(lambda: _announced(edge, n + 2), 30, "capture to go on")
         assert edge.terminate() == 0
@@ -385,6 +379,11 @@ async def test_fault_rtsp_restart_and_stall_reconnect_within_backoff(
     assert stall_reconnect_s <= bound and restart_reconnect_s <= bound
     assert figures["flagged"] >= 2  # both interruptions are recorded as gaps
     assert unflagged_gaps(chunks) == []
+
+
+async def _drained(stack: Stack) -> bool:
+    """Nothing left in the ledger waiting for upload or announcement."""
+    return not any(r["state"] in ("written", "uploaded") for r in ledger(stack))
 
 
 async def _has(d: Daemon, event: str) -> bool:
