@@ -52,6 +52,17 @@ class IngestSettings(BaseSettings):
     filter_recent_chunks: int = Field(default=16, ge=0, le=1000)
     allowed_codecs: list[str] = Field(default_factory=lambda: ["h264", "hevc"])
     max_chunk_seconds: float = Field(default=600.0, gt=0)
+    # Hand-off of closed scene windows
+    window_s: int = Field(default=60, ge=1, le=86400)
+    window_timeout_s: float = Field(default=120.0, ge=0)  # after the window's end
+    site_cameras: dict[str, list[str]] = Field(default_factory=dict)  # expected views per site
+    handoff_sinks: list[Literal["stream", "webhook", "ray_job"]] = Field(default=["stream"])
+    handoff_stream: str = "windows.closed"  # downstream stream sink
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    job_address: str = "http://127.0.0.1:8265"  # Ray dashboard (Job Submission API)
+    job_entrypoint: str = "python -m examples.reconstruct_background --window-id {window_id}"
+    job_max_concurrent: int = Field(default=4, ge=1)
     # Preprocess
     sample_fps: float = Field(default=2.0, gt=0, le=120)
     resize_short_side: int = Field(default=256, ge=16, le=4096)

@@ -20,6 +20,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
+from cloud_ingest.handoff import Handoff, close_expired
 from cloud_ingest.processor import ChunkProcessor
 from shared import logs
 from shared.backoff import Backoff
@@ -61,12 +62,16 @@ class Consumer:
             queue = GroupConsumer(redis, self.settings.stream, self.settings.group, self.name)
             processor = ChunkProcessor(self.settings, s3, redis, self.name)
             renewer = asyncio.create_task(self._renew_leases(queue))
+            handoff = Handoff(self.settings, redis, self.name)
+            stack.push_async_callback(handoff.close)
+            windows = asyncio.create_task(self._windows(redis, handoff))
             log.info("consumer.started", pid=os.getpid())
             try:
                 await self._drain_loop(queue, processor)
                 await self._finish(queue)
             finally:
                 renewer.cancel()
+                windows.cancel()
         log.info("consumer.stopped", **self.counts)
         return dict(self.counts)
 
@@ -196,6 +201,21 @@ class Consumer:
         if self._in_flight:
             await asyncio.wait(self._in_flight.values(), timeout=self.settings.drain_timeout_s)
         await self._flush_acks(queue)
+
+    async def _windows(self, redis: aioredis.Redis, handoff: Handoff) -> None:
+        """Close windows past their timeout and hand off closed ones, forever (cancelled)."""
+        while True:
+            try:
+                await handoff.setup()
+                while True:
+                    await close_expired(redis, self.settings)
+                    if not await handoff.step():
+                        await asyncio.sleep(1.0)
+                    for key, value in handoff.counts.items():
+                        self.counts[key] = value
+            except Exception as exc:  # a sink or Redis failed: the window stays pending
+                log.warning("handoff.retry", error=repr(exc)[:300])
+                await asyncio.sleep(2.0)
 
     async def _renew_leases(self, queue: GroupConsumer) -> None:
         """Keep long work from being reclaimed: reset idle time well before the timeout."""

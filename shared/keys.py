@@ -62,6 +62,24 @@ def chunk_lock_key(chunk_id: str) -> str:
     return f"ingest:lock:{chunk_id}"
 
 
+OPEN_WINDOWS = "ingest:windows:open"  # sorted set: window key -> close-by deadline
+
+
+def window_key(site_id: str, window_start: int) -> str:
+    """A scene window: every accepted chunk of one site within one time window."""
+    return f"ingest:window:{site_id}:{window_start}"
+
+
+def handoff_done_key(window_id: str) -> str:
+    """Which hand-off sinks have completed for a window (idempotency across redeliveries)."""
+    return f"ingest:handoff:{window_id}"
+
+
+def handoff_stream(stream: str) -> str:
+    """Closed windows waiting for their hand-off (a stream with its own consumer group)."""
+    return f"{stream}:windows"
+
+
 def dlq_stream(stream: str) -> str:
     """Dead letters of ``stream`` (contract name)."""
     return f"{stream}:dlq"

@@ -57,8 +57,9 @@ class GroupConsumer:
         self.dlq = dlq_stream(stream)
         self._history: bytes | None = b"0"  # cursor through our own pending entries
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        """Own pending entries first (a restarted consumer resumes its work), then new ones."""
+    async def read(self, count: int, block_ms: int | None) -> list[Entry]:
+        """Own pending entries first (a restarted consumer resumes its work), then new ones
+        (waiting up to ``block_ms`` for them; None: not at all)."""
         if self._history is not None:
             entries = await self._xreadgroup(self._history, count, None)
             if entries:

@@ -172,13 +172,15 @@ class Edge:
         body = chunk.path.read_bytes() if data is None else data
         start = datetime(2026, 11, 22, 4, tzinfo=UTC) + timedelta(seconds=2 * seq)
         doc: dict[str, Any] = {
-            "chunk_id": derive_chunk_id("dev-1", "cam1", seq, chunk.sha256),
+            "chunk_id": derive_chunk_id(
+                "dev-1", fields.get("camera_id", "cam1"), seq, chunk.sha256
+            ),
             "device_id": "dev-1",
             "site_id": "site-1",
             "camera_id": "cam1",
             "seq": seq,
             "bucket": self.stack.raw_bucket,
-            "key": chunk_key("raw", "site-1", "cam1", start, seq),
+            "key": chunk_key("raw", "site-1", fields.get("camera_id", "cam1"), start, seq),
             "size_bytes": len(body),
             "sha256": chunk.sha256 if data is None else sha256(body),
             "container": "mp4",

@@ -1,0 +1,120 @@
+"""Scene windows and their hand-off, through the real consumers: a downstream stream, a
+signed webhook (a real aiohttp server) and Ray jobs through the Job Submission API."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from devstack.servers import free_port
+from edge_agent.segmenter import ClosedChunk
+from tests.support import S3, Edge, Stack, cloud_ingest, eventually
+
+SECRET = "webhook-secret"
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        received.append({"body": body, "headers": dict(request.headers)})
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/hook", received
+    await runner.cleanup()
+
+
+async def send_window(edge: Edge, chunks: list[ClosedChunk], cameras: list[str]) -> None:
+    """Five 2 s chunks per camera: exactly one 10 s window, 04:00:00-04:00:10 UTC."""
+    for camera in cameras:
+        for seq in range(5):
+            await edge.send(chunks[seq % len(chunks)], seq, camera_id=camera)
+
+
+async def downstream(edge: Edge) -> list[dict[str, Any]]:
+    entries = await edge.redis.xrange("windows.closed")
+    return [json.loads(f[b"window"]) for _, f in entries]
+
+
+async def test_handoff_window_closes_when_every_view_arrived(
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    webhook: tuple[str, list[dict[str, Any]]],
+) -> None:
+    url, received = webhook
+    await send_window(edge, chunks, ["cam1", "cam2"])
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S="10",
+        INGEST_WINDOW_TIMEOUT_S="600",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1", "cam2"]}),
+        INGEST_HANDOFF_SINKS='["stream", "webhook"]',
+        INGEST_WEBHOOK_URL=url,
+        INGEST_WEBHOOK_SECRET=SECRET,
+        INGEST_FILTER_RECENT_CHUNKS="0",
+    )
+    try:
+
+        async def handed_off() -> bool:
+            return len(await downstream(edge)) == 1 and len(received) == 1
+
+        await eventually(handed_off, 90, "the window handed off to both sinks")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    [window] = await downstream(edge)
+    assert window["closed_because"] == "complete"
+    assert window["cameras"] == ["cam1", "cam2"] and window["missing_cameras"] == []
+    assert {c: len(v) for c, v in window["chunks"].items()} == {"cam1": 5, "cam2": 5}
+    [call] = received
+    body, headers = call["body"], call["headers"]
+    expected = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers["X-Signature"] == f"sha256={expected}"
+    assert headers["Idempotency-Key"] == window["window_id"] == json.loads(body)["window_id"]
+    done = await edge.redis.hgetall(f"ingest:handoff:{window['window_id']}")
+    assert set(done) == {b"stream", b"webhook"}
+    assert await edge.redis.xlen("chunks:windows") == 0  # hand-off acknowledged and deleted
+
+
+async def test_handoff_window_closes_on_timeout_with_a_missing_view(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    await send_window(edge, chunks, ["cam1"])
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S="10",
+        INGEST_WINDOW_TIMEOUT_S="8",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1", "cam2"]}),
+        INGEST_FILTER_RECENT_CHUNKS="0",
+    )
+    try:
+
+        async def closed() -> bool:
+            return len(await downstream(edge)) == 1
+
+        await eventually(closed, 90, "the window to time out")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    [window] = await downstream(edge)
+    assert window["closed_because"] == "timeout"
+    assert window["cameras"] == ["cam1"] and window["missing_cameras"] == ["cam2"]
+    assert len(window["chunks"]["cam1"]) == 5
