@@ -43,30 +43,39 @@ def window_start(m: Manifest, size_s: int) -> int:
     return int(math.floor(m.start_time.timestamp() / size_s) * size_s)
 
 
-async def note_accepted(
-    client: aioredis.Redis, settings: IngestSettings, m: Manifest, shard_key: str
+async def note_processed(
+    client: aioredis.Redis, settings: IngestSettings, m: Manifest, shard_key: str | None
 ) -> None:
-    """Add an accepted chunk to its window; close the window if every view has arrived."""
+    """Count a processed chunk's time towards its window (accepted ones also join the
+    hand-off with their shard); close the window once every expected view covers it."""
     start = window_start(m, settings.window_s)
     key = window_key(m.site_id, start)
     end = start + settings.window_s
+    chunk_start = m.start_time.timestamp()
+    overlap = max(0.0, min(end, chunk_start + m.media_duration_s) - max(start, chunk_start))
     async with client.pipeline(transaction=True) as pipe:
-        pipe.hset(key, f"chunk:{m.camera_id}:{m.chunk_id}", shard_key)
+        if shard_key is not None:
+            pipe.hset(key, f"chunk:{m.camera_id}:{m.chunk_id}", shard_key)
+        pipe.hset(key, f"seen:{m.camera_id}:{m.chunk_id}", str(overlap))  # idempotent on redo
         pipe.hset(key, "site", m.site_id)
         pipe.hset(key, "start", str(start))
         # Timeout counted from the window's end, or from its first chunk for backfilled footage.
         pipe.zadd(OPEN_WINDOWS, {key: max(end, time.time()) + settings.window_timeout_s}, nx=True)
         pipe.expire(key, 7 * 86400)
         await pipe.execute()
-    covered = m.start_time.timestamp() + m.media_duration_s >= end - 0.5
-    if covered:
-        await client.hset(key, f"done:{m.camera_id}", "1")
     expected = settings.site_cameras.get(m.site_id)
-    if expected:
-        fields: Any = await client.hkeys(key)
-        have = {f.decode().split(":", 1)[1] for f in fields if f.startswith(b"done:")}
-        if set(expected) <= have:
-            await close(client, settings, key, "complete")
+    if expected and _covered(await client.hgetall(key), settings.window_s) >= set(expected):
+        await close(client, settings, key, "complete")
+
+
+def _covered(fields: Any, window_s: int) -> set[str]:
+    """Cameras whose processed chunks cover the whole window (to half a second)."""
+    seconds: dict[str, float] = {}
+    for name, value in fields.items():
+        if name.startswith(b"seen:"):
+            camera = name.decode().split(":", 2)[1]
+            seconds[camera] = seconds.get(camera, 0.0) + float(value)
+    return {c for c, s in seconds.items() if s >= window_s - 0.5}
 
 
 async def close_expired(client: aioredis.Redis, settings: IngestSettings) -> int:

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.filters import Analysis, analyse, verdict
-from cloud_ingest.handoff import note_accepted
+from cloud_ingest.handoff import note_processed
 from cloud_ingest.preprocess import frames_to_shard
 from shared.keys import chunk_lock_key, recent_hashes_key, record_key, shard_key
 from shared.manifest import Manifest, Rejected, SignedManifest, verify_fields
@@ -99,7 +99,8 @@ class ChunkProcessor:
             t0 = time.monotonic()
             shard = await self._preprocess(data, m, analysis)
             timings["preprocess_s"] = time.monotonic() - t0
-            await note_accepted(self.redis, self.settings, m, shard["key"])  # before "done"
+        shard_key = None if shard is None else str(shard["key"])
+        await note_processed(self.redis, self.settings, m, shard_key)  # before the done record
         record = self._record(signed, entry, analysis, shard)
         await self.s3.put_object(
             Bucket=self.settings.output_bucket,

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from devstack.media import make_clip
-from devstack.servers import RedisServer, RtspServer, SeaweedS3
+from devstack.servers import RedisServer, RtspServer, SeaweedS3, free_port
 from edge_agent.segmenter import ClosedChunk
 from shared.queue import ensure_group
 from tests.support import S3, Edge, Stack, base_env, segment_file
@@ -52,13 +52,27 @@ def s3_server(session_dir: Path) -> Iterator[SeaweedS3]:
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
+def ray_cluster() -> Iterator[tuple[str, str]]:
+    """(GCS address, dashboard URL): one local Ray with the Job Submission API."""
     import ray
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=4, include_dashboard=False, namespace="cloud_ingest", log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    port = free_port()
+    context = ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        namespace="cloud_ingest",
+        log_to_driver=False,
+    )
+    yield ray.get_runtime_context().gcs_address, f"http://{context.dashboard_url}"
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster: tuple[str, str]) -> str:
+    return ray_cluster[0]
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from edge_agent.segmenter import ClosedChunk
 from tests.support import S3, Edge, Stack, cloud_ingest, eventually
 
 SECRET = "webhook-secret"
+ENTRYPOINT = """python -c "print('reconstruct {window_id} from {chunk_ids}')" """
 
 
 @pytest.fixture
@@ -118,3 +120,43 @@ async def test_handoff_window_closes_on_timeout_with_a_missing_view(
     assert window["closed_because"] == "timeout"
     assert window["cameras"] == ["cam1"] and window["missing_cameras"] == ["cam2"]
     assert len(window["chunks"]["cam1"]) == 5
+
+
+async def test_handoff_submits_one_ray_job_per_window(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk], ray_cluster: tuple[str, str]
+) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    dashboard = ray_cluster[1]
+    await send_window(edge, chunks, ["cam1"])
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S="10",
+        INGEST_WINDOW_TIMEOUT_S="600",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1"]}),
+        INGEST_HANDOFF_SINKS='["ray_job"]',
+        INGEST_JOB_ADDRESS=dashboard,
+        INGEST_FILTER_RECENT_CHUNKS="0",
+        INGEST_JOB_ENTRYPOINT=ENTRYPOINT,
+    )
+    client = JobSubmissionClient(dashboard)
+    window_id = f"site-1-{int(datetime(2026, 11, 22, 4, tzinfo=UTC).timestamp())}"
+    submission = f"window-{window_id}"
+    try:
+
+        async def succeeded() -> bool:
+            jobs = {j.submission_id: j.status for j in client.list_jobs()}
+            return jobs.get(submission) == JobStatus.SUCCEEDED
+
+        await eventually(succeeded, 120, "the reconstruction job to succeed")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    logs = client.get_job_logs(submission)
+    [line] = [ln for ln in logs.splitlines() if ln.startswith(f"reconstruct {window_id} from ")]
+    assert len(line.rsplit(" ", 1)[1].split(",")) == 5  # the window's five chunk ids
+    ours = [j for j in client.list_jobs() if (j.submission_id or "").startswith("window-")]
+    assert [j.submission_id for j in ours] == [submission]  # one job per window, once
+    done = await edge.redis.hgetall(f"ingest:handoff:{window_id}")
+    assert done == {b"ray_job": submission.encode()}
