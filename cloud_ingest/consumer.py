@@ -210,6 +210,7 @@ class Consumer:
                 while True:
                     await close_expired(redis, self.settings)
                     if not await handoff.step():
+                        await handoff.track_jobs()
                         await asyncio.sleep(1.0)
                     for key, value in handoff.counts.items():
                         self.counts[key] = value

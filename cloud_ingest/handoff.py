@@ -25,7 +25,14 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from cloud_ingest.config import IngestSettings
-from shared.keys import OPEN_WINDOWS, handoff_done_key, handoff_stream, window_key
+from shared.keys import (
+    ACTIVE_JOBS,
+    JOBS,
+    OPEN_WINDOWS,
+    handoff_done_key,
+    handoff_stream,
+    window_key,
+)
 from shared.manifest import Manifest
 from shared.queue import Entry, GroupConsumer, ReapCursor, ensure_group, publish
 
@@ -140,6 +147,26 @@ class Handoff:
         if self.http is not None:
             await self.http.close()
 
+    async def track_jobs(self) -> dict[str, str]:
+        """Follow submitted reconstruction jobs to a terminal state (``ingest:jobs``)."""
+        active: Any = await self.client.smembers(ACTIVE_JOBS)
+        if not active or "ray_job" not in self.settings.handoff_sinks:
+            return {}
+        statuses = await asyncio.to_thread(self._statuses, {a.decode() for a in active})
+        async with self.client.pipeline(transaction=False) as pipe:
+            for submission, state in statuses.items():
+                pipe.hset(JOBS, submission, state)
+                if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+                    pipe.srem(ACTIVE_JOBS, submission)
+            await pipe.execute()
+        return statuses
+
+    def _statuses(self, wanted: set[str]) -> dict[str, str]:
+        from ray.job_submission import JobSubmissionClient
+
+        jobs = JobSubmissionClient(self.settings.job_address).list_jobs()
+        return {j.submission_id: str(j.status.value) for j in jobs if j.submission_id in wanted}
+
     async def step(self) -> int:
         """Hand off the windows waiting for us (ours first, then stale ones, then new)."""
         entries = await self.queue.claim_stale(self.reap, 30_000, 4)
@@ -196,7 +223,12 @@ class Handoff:
             return str(resp.status)
 
     async def _sink_ray_job(self, doc: dict[str, Any]) -> str:
-        return await asyncio.to_thread(self._submit, doc)
+        submission = await asyncio.to_thread(self._submit, doc)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(JOBS, submission, "PENDING")
+            pipe.sadd(ACTIVE_JOBS, submission)
+            await pipe.execute()
+        return submission
 
     def _submit(self, doc: dict[str, Any]) -> str:
         from ray.job_submission import JobStatus, JobSubmissionClient

@@ -75,6 +75,10 @@ def handoff_done_key(window_id: str) -> str:
     return f"ingest:handoff:{window_id}"
 
 
+JOBS = "ingest:jobs"  # hash: submission id -> last known status of hand-off Ray jobs
+ACTIVE_JOBS = "ingest:jobs:active"  # set: submission ids not yet in a terminal state
+
+
 def handoff_stream(stream: str) -> str:
     """Closed windows waiting for their hand-off (a stream with its own consumer group)."""
     return f"{stream}:windows"

@@ -150,6 +150,11 @@ async def test_handoff_submits_one_ray_job_per_window(
             return jobs.get(submission) == JobStatus.SUCCEEDED
 
         await eventually(succeeded, 120, "the reconstruction job to succeed")
+
+        async def tracked() -> bool:  # the deployment followed the job to its end
+            return bool(await edge.redis.hget("ingest:jobs", submission) == b"SUCCEEDED")
+
+        await eventually(tracked, 60, "the job's final status recorded")
         assert cloud.terminate() == 0
     finally:
         cloud.kill()
@@ -160,3 +165,5 @@ async def test_handoff_submits_one_ray_job_per_window(
     assert [j.submission_id for j in ours] == [submission]  # one job per window, once
     done = await edge.redis.hgetall(f"ingest:handoff:{window_id}")
     assert done == {b"ray_job": submission.encode()}
+    assert await edge.redis.hget("ingest:jobs", submission) == b"SUCCEEDED"
+    assert not await edge.redis.sismember("ingest:jobs:active", submission)
