@@ -61,7 +61,12 @@ class IngestSettings(BaseSettings):
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
     job_address: str = "http://127.0.0.1:8265"  # Ray dashboard (Job Submission API)
-    job_entrypoint: str = "python -m examples.reconstruct_background --window-id {window_id}"
+    # A template: {bucket} {prefix} (the output bucket and prefix), {window_id} {site} {start}
+    # {end} {chunk_ids} (comma-separated)
+    job_entrypoint: str = (
+        "python examples/reconstruct_background.py --bucket {bucket} --prefix {prefix} "
+        "--site {site} --window-id {window_id} --chunk-id={chunk_ids}"
+    )
     job_max_concurrent: int = Field(default=4, ge=1)
     # Preprocess
     sample_fps: float = Field(default=2.0, gt=0, le=120)

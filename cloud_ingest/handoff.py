@@ -247,6 +247,8 @@ class Handoff:
         if len(active) >= self.settings.job_max_concurrent:
             raise SinkBusy(f"{len(active)} reconstruction jobs running")
         entrypoint = self.settings.job_entrypoint.format(
+            bucket=self.settings.output_bucket,
+            prefix=self.settings.output_prefix,
             window_id=doc["window_id"],
             site=doc["site_id"],
             start=doc["start"],

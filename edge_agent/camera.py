@@ -9,7 +9,6 @@ error is closed into a chunk and kept.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,7 +51,6 @@ class CameraWorker:
             settings.breaker_open_s,
             max(settings.breaker_open_s, 600.0),
         )
-        self.last_packet = time.monotonic()
 
     def run(self) -> None:
         """Capture until stopped (or until a non-looping replay ends)."""
@@ -111,6 +109,11 @@ class CameraWorker:
                 self._pump(source, repair, segmenter)
             finally:
                 segmenter.flush()  # keep what was captured before a stop, an EOF or an error
+                log.info(
+                    "camera.disconnected",
+                    skipped_before_keyframe=segmenter.skipped,
+                    parameter_changes=segmenter.param_changes,
+                )
                 for kind, n in repair.counts.items():
                     self.metrics.timestamps_fixed.labels(self.cam.id, kind).inc(n)
         finally:
@@ -125,5 +128,4 @@ class CameraWorker:
                 self.breaker.success()
                 self.metrics.camera_up.labels(self.cam.id).set(1)
                 self.metrics.circuit_open.labels(self.cam.id).set(0)
-            self.last_packet = time.monotonic()
             segmenter.feed(pkt, reset)

@@ -6,7 +6,7 @@ static scene, moving objects removed) and writes them as ``.npy`` to the output
 bucket under ``{prefix}/reconstructions/{window_id}/``. Prints one JSON line.
 
     python examples/reconstruct_background.py --bucket B --site S --window-id W \
-        --chunk-id ID [--chunk-id ID ...]
+        --chunk-id ID [--chunk-id ID ...]      (or --chunk-id=ID1,ID2,...)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--chunk-id", action="append", required=True)
     args = parser.parse_args()
     ray.init(ignore_reinit_error=True)
-    wanted = set(args.chunk_id)
+    wanted = {c for arg in args.chunk_id for c in arg.split(",") if c}  # repeated or a,b,c
     ds = frames(args.bucket, args.prefix, site=args.site).filter(
         lambda row: row["chunk_id"] in wanted
     )

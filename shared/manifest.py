@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -161,7 +160,3 @@ def parse_manifest(payload: bytes) -> Manifest:
 def _summarise(exc: ValidationError) -> str:
     parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
     return "; ".join(parts)
-
-
-def utc_iso(ts: datetime) -> str:
-    return ts.isoformat().replace("+00:00", "Z")
