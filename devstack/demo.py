@@ -18,6 +18,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -189,12 +190,22 @@ def summary(
         for r in records
     ]
     gaps = [c for c in chunks if c["discontinuity"]]
+    accepted = [r for r in records if r["status"] == "accepted"]
+    rejected = Counter(r["reason"] for r in records if r["status"] == "rejected")
     captured = stopped.get("chunks_written", 0)
     lines = [
         ("chunks captured", captured),
         ("chunks uploaded", stopped.get("chunks_uploaded", 0)),
         ("chunks announced", stopped.get("chunks_announced", 0)),
         ("chunks processed", len(records)),
+        (
+            "  accepted (frames in shards)",
+            f"{len(accepted)} ({sum(r['shard']['frames'] for r in accepted)})",
+        ),
+        (
+            "  rejected by a filter",
+            ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) or "0",
+        ),
         ("chunks dead-lettered", q["dlq"]),
         ("left pending / in stream", f"{q['pending']} / {q['length']}"),
         ("frames processed", sum(r["manifest"]["frame_count"] for r in records)),

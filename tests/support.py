@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aioredis
 
 from devstack import daemons
@@ -93,6 +94,15 @@ def edge_agent(stack: Stack, cameras: list[dict[str, str]], log: Path, **extra: 
 
 def cloud_ingest(stack: Stack, log: Path, **extra: str) -> Daemon:
     return daemons.cloud_ingest(stack.ingest_env(**extra), log)
+
+
+async def metric_appears(http: Any, base: str, line: str) -> bool:
+    """True once ``line`` is in ``{base}/metrics`` (False while the server is not up yet)."""
+    try:
+        async with http.get(f"{base}/metrics") as resp:
+            return line in await resp.text()
+    except (aiohttp.ClientError, OSError):
+        return False
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:

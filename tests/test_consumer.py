@@ -21,6 +21,7 @@ from tests.support import (
     Stack,
     cloud_ingest,
     eventually,
+    metric_appears,
     queue_state,
     segment_file,
 )
@@ -227,16 +228,8 @@ async def test_consumer_deployment_serves_health_and_metrics(
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def counted() -> bool:
-                try:
-                    async with http.get(f"{base}/metrics") as resp:
-                        text = await resp.text()
-                except aiohttp.ClientError:
-                    return False
-                return 'cloud_ingest_chunks{outcome="processed"} 3.0' in text
-
-            await eventually(counted, 90, "3 processed chunks in /metrics")
+            processed = 'cloud_ingest_chunks{outcome="processed"} 3.0'
+            await eventually(lambda: metric_appears(http, base, processed), 90, "3 processed")
             async with http.get(f"{base}/readyz") as resp:
                 assert resp.status == 200
                 assert (await resp.json())["checks"] == {"redis": True, "consumers": True}

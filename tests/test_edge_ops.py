@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from devstack.servers import RtspServer, free_port
-from tests.support import BIN, Stack, edge_agent, eventually
+from tests.support import BIN, Stack, edge_agent, eventually, metric_appears
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
@@ -111,16 +111,8 @@ async def test_health_readiness_and_metrics(
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def announced_two() -> bool:
-                try:
-                    async with http.get(f"{base}/metrics") as resp:
-                        text = await resp.text()
-                except aiohttp.ClientError:
-                    return False
-                return 'edge_agent_chunks_announced_total{camera="cam1"} 2.0' in text
-
-            await eventually(announced_two, 60, "two chunks announced in /metrics")
+            two = 'edge_agent_chunks_announced_total{camera="cam1"} 2.0'
+            await eventually(lambda: metric_appears(http, base, two), 60, "two chunks announced")
             async with http.get(f"{base}/healthz") as resp:
                 assert resp.status == 200
             async with http.get(f"{base}/readyz") as resp:
