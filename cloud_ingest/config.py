@@ -48,7 +48,7 @@ class IngestSettings(BaseSettings):
     filter_bright_luma: float = Field(default=235.0, ge=0, le=255)
     filter_blur_var: float = Field(default=15.0, ge=0)
     filter_static_motion: float = Field(default=0.5, ge=0)
-    filter_duplicate_bits: int = Field(default=6, ge=0, le=64)
+    filter_duplicate_bits: int = Field(default=3, ge=0, le=256)  # per 256-bit frame hash
     filter_recent_chunks: int = Field(default=16, ge=0, le=1000)
     allowed_codecs: list[str] = Field(default_factory=lambda: ["h264", "hevc"])
     max_chunk_seconds: float = Field(default=600.0, gt=0)

@@ -31,7 +31,7 @@ class Thresholds:
     bright_luma: float = 235.0
     blur_var: float = 15.0
     static_motion: float = 0.5
-    duplicate_bits: int = 6
+    duplicate_bits: int = 3  # of 256 per sampled keyframe
     max_seconds: float = 600.0
     codecs: tuple[str, ...] = ("h264", "hevc")
 
@@ -112,7 +112,8 @@ def _score(result: Analysis, grays: list[np.ndarray]) -> None:
         else float("nan")
     )
     result.scores = {"luma": round(luma, 3), "blur_var": round(blur, 3), "motion": round(motion, 3)}
-    result.dhash = "".join(_dhash(grays[i]) for i in {0, len(grays) // 2, len(grays) - 1})
+    picks = sorted({0, len(grays) // 2, len(grays) - 1})
+    result.dhash = "|".join(_dhash(grays[i]) for i in picks)
 
 
 def _laplacian_var(g: np.ndarray) -> float:
@@ -120,20 +121,27 @@ def _laplacian_var(g: np.ndarray) -> float:
     return float(lap.var())
 
 
-def _dhash(g: np.ndarray) -> str:
-    """64-bit difference hash: is each cell brighter than its right neighbour (9x8 grid)."""
+def _dhash(g: np.ndarray, size: int = 16) -> str:
+    """256-bit difference hash: is each cell of a 16x17 grid brighter than its right
+    neighbour. Fine enough that a person crossing part of a fixed view changes it."""
     h, w = g.shape
-    ys = (np.arange(8) * h) // 8
-    xs = (np.arange(9) * w) // 9
+    ys = (np.arange(size) * h) // size
+    xs = (np.arange(size + 1) * w) // (size + 1)
     cells = np.add.reduceat(np.add.reduceat(g, ys, axis=0), xs, axis=1)
     bits = (cells[:, 1:] > cells[:, :-1]).flatten()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):0{size * size // 4}x}"
 
 
 def hamming(a: str, b: str) -> int:
-    if len(a) != len(b):
-        return 1 << 30
-    return sum(bin(int(x, 16) ^ int(y, 16)).count("1") for x, y in zip(a, b, strict=True))
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def distance(a: str, b: str) -> int | None:
+    """The largest per-frame distance between two chunks' hashes; None if not comparable."""
+    fa, fb = a.split("|"), b.split("|")
+    if len(fa) != len(fb) or any(len(x) != len(y) for x, y in zip(fa, fb, strict=True)):
+        return None
+    return max(hamming(x, y) for x, y in zip(fa, fb, strict=True))
 
 
 def verdict(result: Analysis, limits: Thresholds, recent: list[str]) -> str | None:
@@ -147,9 +155,9 @@ def verdict(result: Analysis, limits: Thresholds, recent: list[str]) -> str | No
         return "blurred"
     if not np.isnan(s["motion"]) and s["motion"] < limits.static_motion:
         return "static"
-    if recent:
-        distance = min(hamming(result.dhash, other) for other in recent)
-        s["duplicate_distance"] = distance
-        if distance <= limits.duplicate_bits * (len(result.dhash) // 16):
+    distances = [d for other in recent if (d := distance(result.dhash, other)) is not None]
+    if distances:
+        s["duplicate_distance"] = min(distances)
+        if min(distances) <= limits.duplicate_bits:
             return "duplicate"
     return None
