@@ -167,3 +167,52 @@ async def test_handoff_submits_one_ray_job_per_window(
     assert done == {b"ray_job": submission.encode()}
     assert await edge.redis.hget("ingest:jobs", submission) == b"SUCCEEDED"
     assert not await edge.redis.sismember("ingest:jobs:active", submission)
+
+
+async def test_handoff_respects_the_concurrent_job_limit(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk], ray_cluster: tuple[str, str]
+) -> None:
+    """Two windows, INGEST_JOB_MAX_CONCURRENT=1, jobs that take 4 s: the second job is only
+    submitted once the first has finished."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    dashboard = ray_cluster[1]
+    for seq in range(10):  # seqs 0-4: window 04:00:00, seqs 5-9: window 04:00:10
+        await edge.send(chunks[seq % len(chunks)], seq, camera_id="cam7", site_id="site-9")
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S="10",
+        INGEST_WINDOW_TIMEOUT_S="600",
+        INGEST_SITE_CAMERAS=json.dumps({"site-9": ["cam7"]}),
+        INGEST_HANDOFF_SINKS='["ray_job"]',
+        INGEST_JOB_ADDRESS=dashboard,
+        INGEST_FILTER_RECENT_CHUNKS="0",
+        INGEST_JOB_MAX_CONCURRENT="1",
+        INGEST_JOB_ENTRYPOINT="sleep 4 # {window_id}",
+    )
+    client = JobSubmissionClient(dashboard)
+
+    def ours() -> list[Any]:
+        return sorted(
+            (
+                j
+                for j in client.list_jobs()
+                if (j.submission_id or "").startswith("window-site-9-")
+                and "sleep 4" in j.entrypoint
+            ),
+            key=lambda j: j.start_time or 0,
+        )
+
+    try:
+
+        async def both_done() -> bool:
+            jobs = ours()
+            return len(jobs) == 2 and all(j.status == JobStatus.SUCCEEDED for j in jobs)
+
+        await eventually(both_done, 150, "both window jobs to succeed")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    first, second = ours()
+    assert second.start_time >= first.end_time  # never two at once
