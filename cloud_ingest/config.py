@@ -6,14 +6,35 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cloud_ingest.filters import Thresholds
 from cloud_ingest.preprocess import Options
+from shared.manifest import Ident, SigningKey
 from shared.settings import read_secret
 
 Bucket = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+
+
+class KeyEntry(BaseModel):
+    """One ``INGEST_KEYRING`` entry: ``"secret"`` or ``{"secret", "device_id", "site_id",
+    "cameras"}``. Bind every production key to its device and site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret: SecretStr = Field(min_length=16)
+    device_id: Ident | None = None
+    site_id: Ident | None = None
+    cameras: list[Ident] | None = None
+
+    def signing_key(self) -> SigningKey:
+        return SigningKey(
+            secret=self.secret.get_secret_value().encode(),
+            device_id=self.device_id,
+            site_id=self.site_id,
+            cameras=None if self.cameras is None else frozenset(self.cameras),
+        )
 
 
 class IngestSettings(BaseSettings):
@@ -26,12 +47,14 @@ class IngestSettings(BaseSettings):
     s3_region: str = "us-east-1"
     output_bucket: Bucket
     output_prefix: str = "processed"
-    raw_bucket: Bucket | None = None  # where edges upload; what reconcile lists
+    # Where edges upload: manifests naming any other bucket or a key outside this prefix
+    # are refused, so a device cannot point the cloud at the output bucket. Reconcile lists it.
+    raw_bucket: Bucket
     raw_prefix: str = "raw"
     consumers: int = Field(default=2, ge=1, le=1024)
     visibility_timeout_s: float = Field(default=60.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1, le=1000)
-    keyring: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    keyring: Annotated[dict[Ident, KeyEntry], NoDecode] = Field(default_factory=dict)
     keyring_file: Path | None = None
     http_bind: str = "127.0.0.1:9109"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -43,6 +66,10 @@ class IngestSettings(BaseSettings):
     max_chunk_bytes: int = Field(default=512 * 1024**2, gt=0)
     # Decode/filter/preprocess of one chunk past this is a failed attempt (retried, then DLQ).
     process_timeout_s: float = Field(default=300.0, gt=0)
+    # A manifest whose chunk ends more than this in the future, or started longer ago than
+    # INGEST_MAX_MANIFEST_AGE_S, is refused as a replay (raise the age to re-ingest archives).
+    max_clock_skew_s: float = Field(default=300.0, ge=0)
+    max_manifest_age_s: float = Field(default=14 * 86400.0, gt=0)
     # Filters (scores below/above these reject a chunk, with its reason and scores recorded)
     filter_dark_luma: float = Field(default=20.0, ge=0, le=255)
     filter_bright_luma: float = Field(default=235.0, ge=0, le=255)
@@ -88,9 +115,10 @@ class IngestSettings(BaseSettings):
                 parsed = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}: not valid JSON ({exc.msg})") from None
-            if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            if not isinstance(parsed, dict):
                 raise ValueError(f'{source}: expected a JSON object {{"key_id": "secret"}}')
-            data = {**data, "keyring": parsed}
+            entries = {k: {"secret": v} if isinstance(v, str) else v for k, v in parsed.items()}
+            data = {**data, "keyring": entries}
         return data
 
     @model_validator(mode="after")
@@ -115,5 +143,5 @@ class IngestSettings(BaseSettings):
     def preprocess(self) -> Options:
         return Options(self.sample_fps, self.resize_short_side, self.jpeg_quality)
 
-    def secrets(self) -> dict[str, bytes]:
-        return {k: v.get_secret_value().encode() for k, v in self.keyring.items()}
+    def signing_keys(self) -> dict[str, SigningKey]:
+        return {k: v.signing_key() for k, v in self.keyring.items()}

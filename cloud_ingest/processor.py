@@ -19,10 +19,17 @@ from cloud_ingest.config import IngestSettings
 from cloud_ingest.filters import Analysis, analyse, verdict
 from cloud_ingest.handoff import note_processed
 from cloud_ingest.preprocess import frames_to_shard
-from shared.keys import chunk_lock_key, recent_hashes_key, record_key, shard_key
+from shared.keys import (
+    camera_owner_key,
+    chunk_key,
+    chunk_lock_key,
+    recent_hashes_key,
+    record_key,
+    shard_key,
+)
 from shared.manifest import Manifest, Rejected, SignedManifest, verify_fields
 from shared.queue import Entry
-from shared.s3 import is_not_found, object_exists
+from shared.s3 import is_not_found
 
 T = TypeVar("T")
 
@@ -50,7 +57,7 @@ class ChunkProcessor:
         self.s3 = s3
         self.redis = redis
         self.consumer = consumer
-        self.keyring = settings.secrets()
+        self.keyring = settings.signing_keys()
         self.thresholds = settings.thresholds()
         self.options = settings.preprocess()
 
@@ -58,9 +65,12 @@ class ChunkProcessor:
         """Raises Rejected for what can never succeed; other errors mean 'retry later'."""
         signed = verify_fields(entry.fields, self.keyring)
         m = signed.manifest
+        self._check_location(m)
+        self._check_clock(m)
         rkey = record_key(self.settings.output_prefix, m)
-        if await object_exists(self.s3, self.settings.output_bucket, rkey):
+        if await self._done_before(signed, rkey):
             return Outcome("duplicate", m)
+        await self._check_camera_owner(m)
         # The lock is held per chunk, by stream entry. Another entry of the same chunk (a
         # copy announced twice) waits, unacknowledged; this entry reclaimed from a consumer
         # that died (its lease ran out) takes the lock over.
@@ -71,6 +81,55 @@ class ChunkProcessor:
             return await self._process(entry, signed, rkey)
         finally:
             await self.redis.eval(_UNLOCK, 1, chunk_lock_key(m.chunk_id), owner)
+
+    def _check_location(self, m: Manifest) -> None:
+        """Only the configured raw bucket, only the key the manifest's own fields derive:
+        a device cannot make the cloud read (or a record point at) anything else."""
+        if m.bucket != self.settings.raw_bucket:
+            raise Rejected("foreign_bucket", f"bucket {m.bucket!r} is not INGEST_RAW_BUCKET")
+        expected = chunk_key(self.settings.raw_prefix, m.site_id, m.camera_id, m.start_time, m.seq)
+        if m.key != expected:
+            raise Rejected("foreign_key", f"key {m.key[:200]!r} is not {expected!r}")
+
+    def _check_clock(self, m: Manifest) -> None:
+        """A manifest from the future or from too long ago is a replay or a broken clock."""
+        now = datetime.now(UTC)
+        ahead = (m.end_time - now).total_seconds()
+        age = (now - m.start_time).total_seconds()
+        if m.end_time < m.start_time:
+            raise Rejected("clock_skew", "end_time is before start_time")
+        if ahead > self.settings.max_clock_skew_s:
+            raise Rejected("clock_skew", f"ends {ahead:.0f}s in the future")
+        if age > self.settings.max_manifest_age_s:
+            raise Rejected("clock_skew", f"started {age:.0f}s ago (INGEST_MAX_MANIFEST_AGE_S)")
+
+    async def _done_before(self, signed: SignedManifest, rkey: str) -> bool:
+        """True for a redelivery of a processed chunk. The same chunk id with different
+        content is a replay: refused, and the existing outputs stay as they are."""
+        try:
+            resp = await self.s3.get_object(Bucket=self.settings.output_bucket, Key=rkey)
+        except ClientError as exc:
+            if is_not_found(exc):
+                return False
+            raise
+        async with resp["Body"] as body:
+            record = json.loads(await body.read())
+        if record.get("manifest") != signed.manifest.model_dump(mode="json"):
+            raise Rejected(
+                "replay",
+                f"chunk {signed.manifest.chunk_id} was processed with a different manifest",
+            )
+        return True
+
+    async def _check_camera_owner(self, m: Manifest) -> None:
+        key = camera_owner_key(m.site_id, m.camera_id)
+        owner: Any = await self.redis.set(key, m.device_id, nx=True, get=True)
+        if owner is not None and owner.decode() != m.device_id:
+            raise Rejected(
+                "camera_claimed",
+                f"camera {m.site_id}/{m.camera_id} belongs to device {owner.decode()!r}, "
+                f"not {m.device_id!r}",
+            )
 
     async def _lock(self, m: Manifest, owner: str) -> bool:
         key = chunk_lock_key(m.chunk_id)

@@ -69,6 +69,9 @@ class Supervisor:
     def serve(self) -> int:
         for i in range(self.settings.consumers):
             self.start(i)
+        unbound = sorted(k for k, e in self.settings.keyring.items() if e.device_id is None)
+        if unbound:  # allowed (development, migration) but any such key speaks for any device
+            log.warning("keyring.unbound_keys", key_ids=unbound)
         log.info("deployment.started", consumers=self.settings.consumers)
         while not self.stopping.is_set():
             done, _ = ray.wait(list(self.runs), num_returns=1, timeout=1.0)

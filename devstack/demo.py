@@ -84,6 +84,7 @@ def environment(
             "INGEST_REDIS_URL": redis.url,
             "INGEST_S3_ENDPOINT_URL": s3.endpoint,
             "INGEST_OUTPUT_BUCKET": "processed",
+            "INGEST_RAW_BUCKET": "raw",
             "INGEST_CONSUMERS": "2",
             "INGEST_ACTOR_CPUS": "0.5",
             "INGEST_VISIBILITY_TIMEOUT_S": "30",

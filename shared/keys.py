@@ -36,11 +36,12 @@ def manifest_key(chunk_key: str) -> str:
 
 
 def record_key(prefix: str, manifest: Manifest) -> str:
-    """The per-chunk result record; its existence is the chunk's done marker."""
-    m = manifest
-    return _join(
-        prefix, "records", m.site_id, m.camera_id, _hour_path(m.start_time), f"{m.chunk_id}.json"
-    )
+    """The per-chunk result record; its existence is the chunk's done marker. Addressed by
+    the chunk id alone (sharded by its first byte): a second manifest for the same chunk
+    lands on the same record whatever else it claims, so a replay cannot hide behind a
+    different start time or site."""
+    chunk_id = manifest.chunk_id
+    return _join(prefix, "records", chunk_id[:2], f"{chunk_id}.json")
 
 
 def shard_key(prefix: str, manifest: Manifest) -> str:
@@ -60,6 +61,12 @@ def chunk_lock_key(chunk_id: str) -> str:
     """Held while a consumer works on a chunk, so two copies of one manifest are not
     processed at the same time; expires on its own if the holder dies."""
     return f"ingest:lock:{chunk_id}"
+
+
+def camera_owner_key(site_id: str, camera_id: str) -> str:
+    """The device a site's camera belongs to: the first device whose authentic manifest
+    named it (or the keyring's camera list); another device claiming it is refused."""
+    return f"ingest:camera:{site_id}:{camera_id}"
 
 
 OPEN_WINDOWS = "ingest:windows:open"  # sorted set: window key -> close-by deadline

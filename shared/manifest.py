@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -95,6 +96,21 @@ class SignedManifest(BaseModel):
         }
 
 
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A keyring entry: the secret and what it may sign for. A key bound to a device and
+    site only authenticates manifests of that device at that site (and, when ``cameras``
+    is given, only those cameras), so one compromised box cannot speak for another."""
+
+    secret: bytes = field(repr=False)
+    device_id: str | None = None
+    site_id: str | None = None
+    cameras: frozenset[str] | None = None
+
+
+Keyring = Mapping[str, SigningKey]
+
+
 def derive_chunk_id(device_id: str, camera_id: str, seq: int, sha256: str) -> str:
     """Stable id: the same chunk of the same camera always gets the same id."""
     material = "\x00".join((device_id, camera_id, str(seq), sha256)).encode()
@@ -123,22 +139,51 @@ def _field(fields: Mapping[bytes, bytes], name: str) -> bytes:
     return value
 
 
-def verify_fields(fields: Mapping[bytes, bytes], keyring: Mapping[str, bytes]) -> SignedManifest:
-    """Authenticate a stream entry, then parse and validate it. Raises Rejected."""
+def verify_fields(fields: Mapping[bytes, bytes], keyring: Keyring) -> SignedManifest:
+    """Authenticate a stream entry, then parse it and check what its key may claim.
+
+    Order matters: size, then key lookup and MAC over the raw bytes (constant-time
+    compare), and only then JSON parsing. Raises Rejected with a distinct reason."""
     payload = _field(fields, "manifest")
     if len(payload) > MAX_MANIFEST_BYTES:
         raise Rejected("oversized", f"{len(payload)} bytes > {MAX_MANIFEST_BYTES}")
-    key_id = _field(fields, "key_id").decode("ascii", errors="replace")
-    sig = _field(fields, "sig")
-    secret = keyring.get(key_id)
-    if secret is None:
+    raw_key_id, sig = fields.get(b"key_id"), fields.get(b"sig")
+    if not raw_key_id or not sig:
+        raise Rejected("unsigned", "the entry carries no key_id or no sig")
+    key_id = raw_key_id.decode("ascii", errors="replace")
+    key = keyring.get(key_id)
+    if key is None:
         raise Rejected("unknown_key", f"key_id {key_id[:64]!r} is not in the keyring")
-    if not hmac.compare_digest(_mac(secret, payload).encode(), sig):
+    if not hmac.compare_digest(_mac(key.secret, payload).encode(), sig):
         raise Rejected("bad_signature", f"HMAC mismatch for key_id {key_id!r}")
     manifest = parse_manifest(payload)
     if canonical_bytes(manifest) != payload:
         raise Rejected("malformed", "manifest is not in canonical form")
+    check_binding(manifest, key_id, key)
+    expected = derive_chunk_id(
+        manifest.device_id, manifest.camera_id, manifest.seq, manifest.sha256
+    )
+    if manifest.chunk_id != expected:
+        raise Rejected("chunk_id_mismatch", f"chunk_id {manifest.chunk_id} is not {expected}")
     return SignedManifest(manifest=manifest, signature=Signature(key_id=key_id, mac=sig.decode()))
+
+
+def check_binding(m: Manifest, key_id: str, key: SigningKey) -> None:
+    """A device may only speak for itself, its own site and (if listed) its own cameras."""
+    if key.device_id is not None and m.device_id != key.device_id:
+        raise Rejected(
+            "device_mismatch",
+            f"key {key_id!r} belongs to device {key.device_id!r}, manifest claims {m.device_id!r}",
+        )
+    if key.site_id is not None and m.site_id != key.site_id:
+        raise Rejected(
+            "site_mismatch",
+            f"key {key_id!r} belongs to site {key.site_id!r}, manifest claims {m.site_id!r}",
+        )
+    if key.cameras is not None and m.camera_id not in key.cameras:
+        raise Rejected(
+            "camera_not_allowed", f"key {key_id!r} may not sign for camera {m.camera_id!r}"
+        )
 
 
 def parse_manifest(payload: bytes) -> Manifest:

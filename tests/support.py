@@ -27,6 +27,9 @@ from shared.queue import publish
 __all__ = ["BIN", "S3", "Daemon", "log_events"]
 SECRET = "test-signing-secret"
 KEY_ID = "k1"
+# Chunks sent by Edge start at the top of the previous hour: recent enough for the cloud's
+# freshness check on any day the suite runs, and aligned to scene windows.
+BASE_TIME = (datetime.now(UTC) - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
 
 
 @dataclass
@@ -62,11 +65,12 @@ class Stack:
             "INGEST_GROUP": "ingest",
             "INGEST_S3_ENDPOINT_URL": self.s3_endpoint,
             "INGEST_OUTPUT_BUCKET": self.out_bucket,
+            "INGEST_RAW_BUCKET": self.raw_bucket,
             "INGEST_OUTPUT_PREFIX": "processed",
             "INGEST_CONSUMERS": "2",
             "INGEST_VISIBILITY_TIMEOUT_S": "10",
             "INGEST_MAX_DELIVERIES": "3",
-            "INGEST_KEYRING": json.dumps({KEY_ID: SECRET}),
+            "INGEST_KEYRING": json.dumps({KEY_ID: {"secret": SECRET, "device_id": "dev-1"}}),
             "INGEST_ACTOR_CPUS": "0.25",
             "INGEST_LOG_FORMAT": "json",
             "RAY_ADDRESS": self.ray_address,
@@ -177,22 +181,24 @@ class Edge:
         key_id: str = KEY_ID,
         secret: str = SECRET,
         tamper: bool = False,
+        unsigned: bool = False,
         **fields: Any,
     ) -> Manifest:
         body = chunk.path.read_bytes() if data is None else data
-        start = datetime(2026, 11, 22, 4, tzinfo=UTC) + timedelta(seconds=2 * seq)
+        start = fields.pop("start_time", BASE_TIME + timedelta(seconds=2 * seq))
+        device, site = fields.get("device_id", "dev-1"), fields.get("site_id", "site-1")
+        camera = fields.get("camera_id", "cam1")
+        digest = chunk.sha256 if data is None else sha256(body)
         doc: dict[str, Any] = {
-            "chunk_id": derive_chunk_id(
-                "dev-1", fields.get("camera_id", "cam1"), seq, chunk.sha256
-            ),
-            "device_id": "dev-1",
-            "site_id": "site-1",
-            "camera_id": "cam1",
+            "chunk_id": derive_chunk_id(device, camera, seq, fields.get("sha256", digest)),
+            "device_id": device,
+            "site_id": site,
+            "camera_id": camera,
             "seq": seq,
             "bucket": self.stack.raw_bucket,
-            "key": chunk_key("raw", "site-1", fields.get("camera_id", "cam1"), start, seq),
+            "key": chunk_key("raw", site, camera, start, seq),
             "size_bytes": len(body),
-            "sha256": chunk.sha256 if data is None else sha256(body),
+            "sha256": digest,
             "container": "mp4",
             "codec": chunk.codec,
             "width": chunk.width,
@@ -214,5 +220,7 @@ class Edge:
         entry = sign(manifest, key_id, secret.encode()).to_fields()
         if tamper:
             entry["manifest"] = entry["manifest"].replace(b'"seq":', b'"seq":1')
+        if unsigned:
+            del entry["key_id"], entry["sig"]
         await publish(self.redis, "chunks", entry)
         return manifest

@@ -19,6 +19,7 @@ GOOD_EDGE = {
 }
 GOOD_INGEST = {
     "INGEST_OUTPUT_BUCKET": "out-bucket",
+    "INGEST_RAW_BUCKET": "raw-bucket",
     "INGEST_KEYRING": json.dumps({"k1": "s3cr3t-keyring-value"}),
 }
 
@@ -110,6 +111,13 @@ def test_config_edge_check_config_probe_reports_unreachable_services() -> None:
     [
         ({"INGEST_KEYRING": "{oops"}, "INGEST_KEYRING"),
         ({"INGEST_KEYRING": "{}"}, "INGEST_KEYRING"),
+        ({"INGEST_KEYRING": '{"k1": "short"}'}, "INGEST_KEYRING"),
+        (
+            {"INGEST_KEYRING": '{"k1": {"secret": "s3cr3t-keyring-value", "device_id": "../x"}}'},
+            "INGEST_KEYRING",
+        ),
+        ({"INGEST_KEYRING": '{"k/1": "s3cr3t-keyring-value"}'}, "INGEST_KEYRING"),
+        ({"INGEST_RAW_BUCKET": ""}, "INGEST_RAW_BUCKET"),
         ({"INGEST_OUTPUT_BUCKET": "Not_A_Bucket"}, "INGEST_OUTPUT_BUCKET"),
         ({"INGEST_CONSUMERS": "0"}, "INGEST_CONSUMERS"),
         ({"INGEST_MAX_DELIVERIES": "many"}, "INGEST_MAX_DELIVERIES"),
@@ -125,7 +133,7 @@ def test_config_cloud_run_exits_78_naming_the_variable(
 
 
 def test_config_cloud_missing_output_bucket_exits_78() -> None:
-    env = {"INGEST_KEYRING": GOOD_INGEST["INGEST_KEYRING"]}
+    env = {k: v for k, v in GOOD_INGEST.items() if k != "INGEST_OUTPUT_BUCKET"}
     result = run([str(BIN / "cloud-ingest"), "status"], env)
     assert result.returncode == 78
     assert "INGEST_OUTPUT_BUCKET" in result.stderr

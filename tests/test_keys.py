@@ -22,7 +22,9 @@ def test_keys_record_key_is_deterministic_per_chunk() -> None:
     m = make_manifest()
     assert record_key("processed", m) == record_key("processed", m)
     assert record_key("processed", m).endswith(f"/{m.chunk_id}.json")
-    assert record_key("", m).startswith("records/site-1/cam1/2026/11/22/04/")
+    assert record_key("", m) == f"records/{m.chunk_id[:2]}/{m.chunk_id}.json"
+    moved = m.model_copy(update={"start_time": m.start_time.replace(year=2020), "site_id": "x"})
+    assert record_key("p", moved) == record_key("p", m)  # a replay finds the original
 
 
 def test_keys_dlq_name_is_the_contract_name() -> None:

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from devstack.media import make_clip, remux
 from devstack.servers import HttpFileServer, RtspServer
 from shared.keys import manifest_key
-from shared.manifest import verify_fields
+from shared.manifest import SigningKey, verify_fields
 from tests.support import (
     BIN,
     KEY_ID,
@@ -42,7 +42,7 @@ async def assert_all_accounted_for(s3: S3, stack: Stack, cloud: Daemon) -> list[
     assert raw_keys, "no chunks were uploaded"
     manifests = [r["manifest"] for r in records]
     assert sorted(m["key"] for m in manifests) == raw_keys
-    keyring = {KEY_ID: SECRET.encode()}
+    keyring = {KEY_ID: SigningKey(SECRET.encode(), device_id="dev-1", site_id="site-1")}
     for m in manifests:
         data = await s3.get(stack.raw_bucket, m["key"])
         assert sha256(data) == m["sha256"]
