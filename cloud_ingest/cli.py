@@ -16,7 +16,7 @@ from cloud_ingest.config import IngestSettings
 from shared import logs
 from shared.queue import status
 from shared.s3 import open_s3
-from shared.settings import EX_CONFIG, ConfigError, load
+from shared.settings import EX_CONFIG, ConfigError, load, secret_values
 
 
 def _settings() -> IngestSettings:
@@ -31,7 +31,7 @@ def _run() -> int:
     from cloud_ingest.supervisor import run
 
     settings = _settings()
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, secret_values(settings))
     try:
         return run(settings)
     except Exception:

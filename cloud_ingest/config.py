@@ -57,6 +57,8 @@ class IngestSettings(BaseSettings):
     keyring: Annotated[dict[Ident, KeyEntry], NoDecode] = Field(default_factory=dict)
     keyring_file: Path | None = None
     http_bind: str = "127.0.0.1:9109"
+    # Bearer token for /readyz and /metrics; set it whenever INGEST_HTTP_BIND is not loopback.
+    http_token: SecretStr | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] | None = None
     batch_size: int = Field(default=8, ge=1, le=1000)

@@ -27,13 +27,14 @@ from shared.backoff import Backoff
 from shared.manifest import Rejected
 from shared.queue import Entry, GroupConsumer, ReapCursor
 from shared.s3 import open_s3
+from shared.settings import secret_values
 
 log = structlog.get_logger("cloud_ingest")
 
 
 class Consumer:
     def __init__(self, settings: IngestSettings, name: str) -> None:
-        logs.configure(settings.log_level, settings.log_format)
+        logs.configure(settings.log_level, settings.log_format, secret_values(settings))
         self.settings = settings
         self.name = name
         self.counts: Counter[str] = Counter()

@@ -141,7 +141,13 @@ class Observer:
         async def ready() -> dict[str, bool]:
             return dict(self.ready)
 
-        self.runner = await serve(self.settings.http_bind, self.metrics.registry, ready)
+        token = self.settings.http_token
+        self.runner = await serve(
+            self.settings.http_bind,
+            self.metrics.registry,
+            ready,
+            token=None if token is None else token.get_secret_value(),
+        )
         self.redis = aioredis.from_url(
             self.settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3
         )

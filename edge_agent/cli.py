@@ -15,7 +15,7 @@ from edge_agent.capture import CameraError, Source
 from edge_agent.config import EdgeSettings
 from shared import logs
 from shared.s3 import open_s3
-from shared.settings import EX_CONFIG, ConfigError, load, redacted
+from shared.settings import EX_CONFIG, ConfigError, load, redacted, secret_values
 
 
 def _settings() -> EdgeSettings:
@@ -30,7 +30,7 @@ def _run() -> int:
     from edge_agent.service import EdgeService
 
     settings = _settings()
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, secret_values(settings))
     try:
         return asyncio.run(EdgeService(settings).run())
     except Exception:
@@ -44,8 +44,9 @@ def _check_config(probe: bool) -> int:
     if not probe:
         return 0
     problems = asyncio.run(_probe(settings))
+    redactor = logs.Redactor(secret_values(settings))  # errors may quote URLs
     for p in problems:
-        print(f"edge-agent: {p}", file=sys.stderr)
+        print(f"edge-agent: {redactor.scrub(p)}", file=sys.stderr)
     return EX_CONFIG if problems else 0
 
 

@@ -51,6 +51,8 @@ class EdgeSettings(BaseSettings):
     signing_key: SecretStr | None = None
     signing_key_file: Path | None = None
     http_bind: str = "127.0.0.1:9108"
+    # Bearer token for /readyz and /metrics; set it whenever EDGE_HTTP_BIND is not loopback.
+    http_token: SecretStr | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] | None = None
     upload_concurrency: int = Field(default=4, ge=1, le=64)

@@ -74,8 +74,12 @@ class EdgeService:
                 socket_connect_timeout=5,
             )
             stack.push_async_callback(redis.aclose)
+            token = self.settings.http_token
             runner = await serve(
-                self.settings.http_bind, self.metrics.registry, lambda: self._readiness(s3, redis)
+                self.settings.http_bind,
+                self.metrics.registry,
+                lambda: self._readiness(s3, redis),
+                token=None if token is None else token.get_secret_value(),
             )
             stack.push_async_callback(runner.cleanup)
             self._startup()

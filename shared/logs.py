@@ -6,15 +6,60 @@ Called only from entry points (CLI mains, actor constructors), never at import.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, Literal
 
 import structlog
 
 LogFormat = Literal["json", "console"]
+MASK = "*****"
+# user:password@ in any URL (camera, Redis, webhook); the user name stays for debugging.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s]+@")
+_SENSITIVE_KEYS = re.compile(r"(?i)(secret|password|passwd|token|authorization|credential)")
+# Secrets from the environment that the AWS chain reads; never ours to print.
+_ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-def configure(level: str = "INFO", fmt: LogFormat | None = None) -> None:
+class Redactor:
+    """A structlog processor: masks known secret values anywhere in an event (messages,
+    exception text, nested values), passwords in URLs, and values under sensitive keys.
+    The last line of defence: code should not log secrets in the first place."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        known = {*secrets, *(os.environ.get(name, "") for name in _ENV_SECRETS)}
+        # Longest first, so a secret containing another is masked whole; tiny values would
+        # mask ordinary text and are not secrets worth the name.
+        self.secrets = sorted((s for s in known if len(s) >= 6), key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return _URL_PASSWORD.sub(rf"\1:{MASK}@", text)
+
+    def walk(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {
+                k: MASK if isinstance(k, str) and _SENSITIVE_KEYS.search(k) and v else self.walk(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [self.walk(v) for v in value]
+        return value
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+        scrubbed: dict[str, Any] = self.walk(dict(event))
+        return scrubbed
+
+
+def configure(
+    level: str = "INFO", fmt: LogFormat | None = None, secrets: Iterable[str] = ()
+) -> None:
     if fmt is None:
         fmt = "console" if sys.stdout.isatty() else "json"
     renderer: Any = (
@@ -27,6 +72,7 @@ def configure(level: str = "INFO", fmt: LogFormat | None = None) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            Redactor(secrets),  # after exceptions are rendered to text, before output
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

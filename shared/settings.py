@@ -6,9 +6,12 @@ import os
 import re
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsError
+
+from shared.logs import Redactor
 
 EX_CONFIG = 78  # sysexits.h; systemd units use RestartPreventExitStatus=78
 
@@ -59,5 +62,33 @@ def read_secret(value: SecretStr | None, file: Path | None, credential: str) -> 
 
 
 def redacted(settings: BaseSettings) -> dict[str, Any]:
-    """The effective configuration for check-config output; SecretStr dumps as ``*****``."""
-    return settings.model_dump(mode="json")
+    """The effective configuration for check-config output: SecretStr dumps as ``*****``,
+    passwords inside URLs (camera URLs are plain strings) are masked too."""
+    doc: dict[str, Any] = Redactor(secret_values(settings)).walk(settings.model_dump(mode="json"))
+    return doc
+
+
+def secret_values(model: BaseModel) -> list[str]:
+    """Every secret a settings object holds (nested models and mappings included), plus
+    the password inside a secret URL, for the log redaction processor."""
+    found: list[str] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, SecretStr):
+            secret = value.get_secret_value()
+            found.append(secret)
+            password = urlsplit(secret).password if "://" in secret else None
+            if password:
+                found.extend({password, unquote(password)})
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                visit(getattr(value, name))
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+
+    visit(model)
+    return found
