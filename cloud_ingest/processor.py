@@ -34,7 +34,7 @@ from shared.s3 import is_not_found
 T = TypeVar("T")
 
 # Delete the lock only if we still hold it.
-_UNLOCK = (
+UNLOCK_SCRIPT = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
 
@@ -80,7 +80,7 @@ class ChunkProcessor:
         try:
             return await self._process(entry, signed, rkey)
         finally:
-            await self.redis.eval(_UNLOCK, 1, chunk_lock_key(m.chunk_id), owner)
+            await self.redis.eval(UNLOCK_SCRIPT, 1, chunk_lock_key(m.chunk_id), owner)
 
     def _check_location(self, m: Manifest) -> None:
         """Only the configured raw bucket, only the key the manifest's own fields derive:

