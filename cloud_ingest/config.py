@@ -81,6 +81,8 @@ class IngestSettings(BaseSettings):
     filter_recent_chunks: int = Field(default=16, ge=0, le=1000)
     allowed_codecs: list[str] = Field(default_factory=lambda: ["h264", "hevc"])
     max_chunk_seconds: float = Field(default=600.0, gt=0)
+    max_pixels: int = Field(default=7680 * 4320, gt=0)  # per frame: 8K UHD
+    max_fps: float = Field(default=300.0, gt=0)
     # Hand-off of closed scene windows
     window_s: int = Field(default=60, ge=1, le=86400)
     window_timeout_s: float = Field(default=120.0, ge=0)  # after the window's end
@@ -140,6 +142,8 @@ class IngestSettings(BaseSettings):
             duplicate_bits=self.filter_duplicate_bits,
             max_seconds=self.max_chunk_seconds,
             codecs=tuple(self.allowed_codecs),
+            max_pixels=self.max_pixels,
+            max_fps=self.max_fps,
         )
 
     def preprocess(self) -> Options:

@@ -17,7 +17,19 @@ import av
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.manifest import Manifest
+from cloud_ingest.filters import (
+    MAX_SIDE,
+    MEDIA_ERRORS,
+    check_container,
+    check_frame,
+    open_chunk,
+    video_stream,
+)
+from shared.manifest import Manifest, Rejected
+
+# A frame this long after the chunk's first is a broken timeline (and past datetime's range
+# for a hostile one), whatever the manifest says.
+MAX_FRAME_OFFSET_S = 86400.0
 
 SCHEMA = pa.schema(
     [
@@ -61,32 +73,50 @@ def _encoder(width: int, height: int, quality: int) -> Any:
 def frames_to_shard(
     data: bytes, manifest: Manifest, options: Options, scores_json: str
 ) -> tuple[bytes, int]:
-    """Returns (Parquet bytes, number of frames)."""
+    """Returns (Parquet bytes, number of frames). Raises Rejected for a chunk that is not the
+    MP4 its manifest describes; no decoder may allocate a frame bigger than the declared one,
+    and a frame of another size is never processed."""
+    check_container(data, manifest)
+    if not (0 < manifest.width <= MAX_SIDE and 0 < manifest.height <= MAX_SIDE):
+        raise Rejected("absurd_dimensions", f"manifest declares {manifest.width}x{manifest.height}")
+    try:
+        rows = _frames(data, manifest, options, scores_json)
+    except MEDIA_ERRORS as exc:
+        raise Rejected("undecodable", str(exc)[:500]) from None
+    table = pa.table(rows, schema=SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="none", write_statistics=False)
+    return sink.getvalue(), table.num_rows
+
+
+def _frames(
+    data: bytes, manifest: Manifest, options: Options, scores_json: str
+) -> dict[str, list[Any]]:
     rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-    container: Any
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
+    declared = manifest.width * manifest.height
+    with open_chunk(data, manifest) as container:
+        stream = video_stream(container, manifest, None, declared)
         stream.thread_type = "AUTO"
         tb = Fraction(stream.time_base or Fraction(1, 90000))
         origin: int | None = None
         next_t = 0.0
         enc = None
         for index, frame in enumerate(container.decode(stream)):
+            check_frame(frame, manifest)
             pts = frame.pts if frame.pts is not None else 0
             origin = pts if origin is None else origin
             t = float((pts - origin) * tb)
             if t + 1e-6 < next_t:
                 continue
+            if t > MAX_FRAME_OFFSET_S:
+                raise Rejected("implausible_duration", f"a frame {t:.0f}s after the first")
             next_t += 1.0 / options.sample_fps
             w, h = _size(frame.width, frame.height, options.short_side)
             enc = enc or _encoder(w, h, options.jpeg_quality)
             small = frame.reformat(width=w, height=h, format="yuvj420p")
             jpeg = b"".join(bytes(p) for p in enc.encode(small))
             _append(rows, manifest, index, t, w, h, jpeg, scores_json)
-    table = pa.table(rows, schema=SCHEMA)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="none", write_statistics=False)
-    return sink.getvalue(), table.num_rows
+    return rows
 
 
 def _append(

@@ -66,6 +66,7 @@ class Source:
         self.stop = stop
         self.container: Any = None
         self.stream: Any = None
+        self.dropped_torn = 0  # last packets cut short by the end of the input
         self._open()
 
     def _open(self) -> None:
@@ -74,13 +75,20 @@ class Source:
                 self.spec.target,
                 options=self.spec.options,
                 timeout=self.timeouts,
+                metadata_errors="replace",  # a camera's tags are not ours to validate
             )
-        except (av.FFmpegError, OSError) as exc:
+        except (av.FFmpegError, OSError, ValueError) as exc:
             raise CameraError(f"cannot open: {exc}") from exc
         if not self.container.streams.video:
             self.close()
             raise CameraError("no video stream")
         self.stream = self.container.streams.video[0]
+        if self.stream.codec_context is None:
+            self.close()
+            raise CameraError("no decoder for the video stream's codec")
+        if not self.stream.time_base or self.stream.time_base <= 0:
+            self.close()
+            raise CameraError(f"unusable time base {self.stream.time_base}")
 
     @property
     def time_base(self) -> Fraction:
@@ -131,14 +139,27 @@ class Source:
             self.container.seek(0)
 
     def _demux(self) -> Iterator[Any]:
+        """Packets with a payload. One the demuxer flagged corrupt is held back: mid-stream
+        (an MPEG-TS continuity error) it is passed on, but as the very last packet it was
+        torn by the end of the input, and a chunk holding it would not decode."""
+        held = None
         try:
             for pkt in self.container.demux(self.stream):
-                if pkt.size:  # skip the demuxer's empty flush packet
-                    yield pkt
+                if not pkt.size:  # the demuxer's empty flush packet
+                    continue
+                if held is not None:
+                    yield held
+                    held = None
+                if pkt.is_corrupt:
+                    held = pkt
+                    continue
+                yield pkt
         except av.ExitError as exc:
             raise CameraStalled(f"no packet for {2 * self.timeouts[1]:.1f}s") from exc
         except av.FFmpegError as exc:
             raise CameraError(f"read failed: {exc}") from exc
+        finally:
+            self.dropped_torn += int(held is not None)
 
 
 class _Pacer:

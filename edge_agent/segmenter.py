@@ -20,6 +20,7 @@ from typing import Any
 
 import av
 
+from edge_agent.capture import CameraError
 from edge_agent.params import HEAD_BYTES, dimensions, parameter_sets
 
 FMP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
@@ -103,7 +104,12 @@ class _Writer:
     ) -> None:
         self.path = path
         self.container: Any = av.open(str(path), "w", format="mp4", options=FMP4_OPTIONS)
-        self.out = self.container.add_stream_from_template(template)
+        try:
+            self.out = self.container.add_stream_from_template(template)
+        except ValueError as exc:  # e.g. a codec MP4 cannot carry, from a damaged header
+            self.container.close()
+            path.unlink(missing_ok=True)
+            raise CameraError(f"cannot write this stream to an MP4 chunk: {exc}") from exc
         if params is not None:  # the stream changed in-band since the header was read
             ctx = self.out.codec_context
             ctx.extradata, ctx.width, ctx.height = params.extradata, params.width, params.height

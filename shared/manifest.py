@@ -40,7 +40,8 @@ class Rejected(Exception):
 class Manifest(BaseModel):
     """One chunk of one camera, as announced by the edge after its upload was confirmed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and Infinity are not JSON, though json.loads accepts them: refuse them here.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = 1
     chunk_id: ChunkId
@@ -191,6 +192,8 @@ def parse_manifest(payload: bytes) -> Manifest:
         doc: Any = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Rejected("malformed", f"not JSON: {exc}") from None
+    except RecursionError:  # a signed but absurdly nested document
+        raise Rejected("malformed", "JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise Rejected("malformed", "manifest is not a JSON object")
     version = doc.get("schema_version")
