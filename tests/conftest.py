@@ -124,3 +124,13 @@ async def edge(stack: Stack, s3: S3) -> Any:
     await ensure_group(client, "chunks", "ingest")
     yield Edge(stack, s3, client)
     await client.aclose()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault tests' figures, so a CI log shows what was measured."""
+    from tests.support import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -29,6 +29,16 @@ SECRET = "test-signing-secret"
 KEY_ID = "k1"
 # Chunks sent by Edge start at the top of the previous hour: recent enough for the cloud's
 # freshness check on any day the suite runs, and aligned to scene windows.
+# Fault tests' figures, printed again in the session's summary (captured output is not).
+FIGURES: list[str] = []
+
+
+def report_figures(name: str, figures: dict[str, Any]) -> None:
+    line = f"{name}: {json.dumps(figures, default=str)}"
+    FIGURES.append(line)
+    print(f"\nFIGURES {line}")
+
+
 BASE_TIME = (datetime.now(UTC) - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
 
 

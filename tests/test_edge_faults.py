@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from devstack.s3 import S3
 from devstack.servers import RedisServer, RtspServer, SeaweedS3, free_port
-from tests.support import Daemon, Stack, edge_agent, eventually, log_events
+from tests.support import Daemon, Stack, edge_agent, eventually, log_events, report_figures
 
 
 @pytest.fixture
@@ -119,8 +119,7 @@ def unflagged_gaps(chunks: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 
 def report(name: str, figures: dict[str, Any]) -> None:
-    shown = {k: v for k, v in figures.items() if k != "stream"}
-    print(f"\nFIGURES {name}: {json.dumps(shown, default=str)}")
+    report_figures(name, {k: v for k, v in figures.items() if k != "stream"})
 
 
 def announced_count(edge: Daemon) -> int:

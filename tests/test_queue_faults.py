@@ -6,7 +6,6 @@ Pass (Jepsen's queue checker): lost = 0, unexpected = 0; duplicates counted and 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -20,7 +19,7 @@ import redis.asyncio as aioredis
 from devstack.servers import RedisServer, SeaweedS3
 from edge_agent.segmenter import ClosedChunk
 from shared.queue import ensure_group
-from tests.support import S3, Edge, Stack, cloud_ingest, eventually, queue_state
+from tests.support import S3, Edge, Stack, cloud_ingest, eventually, queue_state, report_figures
 
 TOTAL = 2000
 KILLS = 10
@@ -125,7 +124,7 @@ async def test_queue_faults_2000_manifests_ten_kills_and_a_redis_restart(
         "seconds": round(elapsed, 1),
         "chunks_per_s": round(TOTAL / elapsed, 1),
     }
-    print(f"\nFIGURES queue_faults: {json.dumps(figures)}")
+    report_figures("queue_faults", figures)
     assert figures["lost"] == 0 and figures["unexpected"] == 0
     assert len(got) == len(set(got)) == TOTAL  # every chunk's outputs exist exactly once
     assert (state["dlq"], state["pending"], state["length"]) == (0, 0, 0)

@@ -22,6 +22,7 @@ from tests.support import (
     eventually,
     metric_appears,
     queue_state,
+    report_figures,
 )
 
 # k1 and k1-next are the same device during a key rollover: both must verify.
@@ -124,10 +125,15 @@ async def test_security_every_forgery_class_is_refused_with_its_reason(
     assert sorted(st["dlq_reasons"]) == expected
     records = await s3.records(stack.out_bucket)
     valid = 3 + len(sent)
-    print(
-        f"\nsecurity: sent {valid + len(expected)}, rejected {st['dlq']} "
-        f"({len(set(expected))} classes), processed {len(records)}, lost "
-        f"{valid - len(records)}"
+    report_figures(
+        "security",
+        {
+            "sent": valid + len(expected),
+            "rejected": st["dlq"],
+            "classes": sorted(set(expected)),
+            "processed": len(records),
+            "lost": valid - len(records),
+        },
     )
     assert len(records) == valid  # every valid chunk processed, no forgery among them
     assert {r["manifest"]["device_id"] for r in records} == {"dev-1", "dev-3"}
