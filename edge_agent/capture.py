@@ -59,10 +59,16 @@ class Source:
         open_timeout_s: float = 10.0,
         watchdog_s: float = 5.0,
     ) -> None:
-        self.spec = parse_url(url, watchdog_s)
-        # PyAV's interrupt callback aborts any single blocking call past its limit; half the
-        # watchdog period because a stalled read can take two such calls to surface.
-        self.timeouts = (open_timeout_s, watchdog_s / 2)
+        # Reads are bounded by FFmpeg's own socket timeout (parse_url: "timeout" for RTSP,
+        # "rw_timeout" for HTTP), half the watchdog period because a stalled RTSP stream
+        # surfaces after two timed-out reads (measured: ~2x the timeout). PyAV's interrupt
+        # callback bounds the open (connect, handshake, probe) only: with a read limit set,
+        # it takes the GIL on every one of FFmpeg's socket reads (thousands a second per
+        # 4 Mb/s camera), which made demuxing ~2.5x dearer than ffmpeg's and had the
+        # camera threads queue for the GIL.
+        self.spec = parse_url(url, watchdog_s / 2)
+        self.watchdog_s = watchdog_s
+        self.timeouts = (open_timeout_s, None)
         self.stop = stop
         self.container: Any = None
         self.stream: Any = None
@@ -154,8 +160,8 @@ class Source:
                     held = pkt
                     continue
                 yield pkt
-        except av.ExitError as exc:
-            raise CameraStalled(f"no packet for {2 * self.timeouts[1]:.1f}s") from exc
+        except (av.ExitError, av.error.TimeoutError) as exc:  # the socket read timed out
+            raise CameraStalled(f"no data for {self.watchdog_s:.1f}s") from exc
         except av.FFmpegError as exc:
             raise CameraError(f"read failed: {exc}") from exc
         finally:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
@@ -93,8 +95,14 @@ class EdgeService:
                 asyncio.create_task(self._deliver_loop(uploader, redis))
                 for _ in range(self.settings.upload_concurrency)
             ]
+            # One thread per camera, not the default executor's: that one has only
+            # min(32, CPUs + 4) threads, so blocking camera loops took all of them (6 on
+            # 2 cores) and starved the uploads' and housekeeping's to_thread calls, and the
+            # cameras beyond those never started.
+            pool = ThreadPoolExecutor(max(1, len(self.workers)), thread_name_prefix="camera")
+            stack.callback(pool.shutdown, wait=False)
             cameras = [
-                asyncio.create_task(asyncio.to_thread(w.run), name=w.cam.id) for w in self.workers
+                asyncio.create_task(self._camera(pool, w), name=w.cam.id) for w in self.workers
             ]
             systemd.notify("READY=1")
             log.info("agent.started", cameras=len(cameras), device_id=self.settings.device_id)
@@ -124,6 +132,12 @@ class EdgeService:
             )
             for cam in self.settings.cameras
         ]
+
+    @staticmethod
+    async def _camera(pool: ThreadPoolExecutor, worker: CameraWorker) -> None:
+        """``worker.run`` on its own thread, in a copy of our context (as to_thread does)."""
+        context = contextvars.copy_context()
+        await asyncio.get_running_loop().run_in_executor(pool, context.run, worker.run)
 
     async def _main_loop(self, cameras: list[asyncio.Task[None]]) -> None:
         """Housekeeping until asked to stop; the watchdog is pinged only while healthy."""
