@@ -12,7 +12,7 @@ from edge_agent.segmenter import ClosedChunk
 from edge_agent.spool import Position
 from shared import __version__
 from shared.keys import chunk_key, manifest_key
-from shared.manifest import Manifest, derive_chunk_id, sign
+from shared.manifest import Manifest, derive_chunk_id, sign_fields
 from shared.queue import publish
 
 # A chunk that starts within this much of where the previous one ended is contiguous.
@@ -81,7 +81,7 @@ async def announce(
 ) -> bytes:
     """Sign with the current key (rotation-friendly), store the signed manifest beside the
     chunk (what ``cloud-ingest reconcile`` rebuilds the queue from), then XADD it."""
-    fields = sign(manifest, settings.signing_key_id, settings.secret()).to_fields()
+    fields = sign_fields(manifest, settings.signing_key_id, settings.secret())
     sidecar = json.dumps({k: v.decode() for k, v in fields.items()}, sort_keys=True).encode()
     await s3.put_object(
         Bucket=manifest.bucket,

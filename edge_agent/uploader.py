@@ -1,9 +1,12 @@
 """Chunk uploads to S3: streamed from disk, integrity-checked, optionally rate-limited.
 
-Below the multipart threshold a chunk goes in one PUT; above it, in parts read
-one at a time, so memory per upload is bounded by the part size whatever the
-chunk size. Every PUT and part carries a Content-MD5, so the server refuses a
-body corrupted in transit; the sha256 travels as object metadata.
+Below the multipart threshold a chunk goes in one PUT; above it, in parts sent
+one at a time. Bodies are streamed from the file (a seekable view of the byte
+range), never read whole into memory, so memory per upload stays a few read
+buffers whatever the chunk or part size. Every PUT and part carries a
+Content-MD5 (and a CRC32), computed by one streaming pass over the same range
+before the request, so the server refuses a body corrupted in transit; the
+sha256 travels as object metadata.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
+import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 from shared.manifest import Manifest
 
 MIB = 1024 * 1024
+READ_SIZE = MIB  # per read() while hashing: large enough to amortise the calls
 
 
 class RateLimit:
@@ -44,17 +51,89 @@ class RateLimit:
                 await asyncio.sleep((min(n, self.capacity) - self.tokens) / self.rate)
 
 
-def _md5(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+class FileRange(io.RawIOBase):
+    """A read-only, seekable file-like view of ``size`` bytes of a file from ``offset``.
+
+    botocore reads it to sign and checksum the request, seeks back, and aiohttp then
+    streams it to the socket in small reads; a retry seeks it back to 0. Nothing holds
+    more than one read's worth of it."""
+
+    def __init__(self, path: Path, offset: int, size: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._offset = offset
+        self._size = max(0, min(size, os.fstat(self._fd).st_size - offset))
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = min(max(0, base + pos), self._size)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._size - self._pos
+        n = left if size is None or size < 0 else min(size, left)
+        if n <= 0:
+            return b""
+        # pread: no shared file position, so a read never depends on an earlier seek.
+        data = os.pread(self._fd, n, self._offset + self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buffer)[:n]], self._offset + self._pos)
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
-async def _read(path: Path, offset: int, size: int) -> bytes:
-    def read() -> bytes:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            return fh.read(size)
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
 
-    return await asyncio.to_thread(read)
+
+def _checksums(path: Path, offset: int, size: int) -> dict[str, str]:
+    """Content-MD5 and the CRC32 botocore would otherwise add, in one pass over the range
+    into one reused buffer (no per-read allocation)."""
+    md5, crc = hashlib.md5(usedforsecurity=False), 0
+    buf = memoryview(bytearray(READ_SIZE))
+    with FileRange(path, offset, size) as body:
+        while n := body.readinto(buf):
+            md5.update(buf[:n])
+            crc = zlib.crc32(buf[:n], crc)
+    return {
+        "ContentMD5": _b64(md5.digest()),
+        # Given here, botocore's default CRC32 is not computed again on the event loop;
+        # the request carries the same headers as when botocore computes it.
+        "ChecksumAlgorithm": "CRC32",
+        "ChecksumCRC32": _b64(crc.to_bytes(4, "big")),
+    }
+
+
+async def _send(path: Path, offset: int, size: int, request: Any, **params: Any) -> Any:
+    """One PUT or part: its checksums by a streaming pass (in a thread: hashlib and zlib
+    release the GIL), then the range itself as the streamed body."""
+    checksums = await asyncio.to_thread(_checksums, path, offset, size)
+    with FileRange(path, offset, size) as body:
+        return await request(Body=body, **checksums, **params)
 
 
 class Uploader:
@@ -73,13 +152,14 @@ class Uploader:
 
     async def upload(self, path: Path, manifest: Manifest) -> None:
         if manifest.size_bytes <= self.threshold:
-            body = await _read(path, 0, manifest.size_bytes)
-            await self.rate.take(len(body))
-            await self.s3.put_object(
+            await self.rate.take(manifest.size_bytes)
+            await _send(
+                path,
+                0,
+                manifest.size_bytes,
+                self.s3.put_object,
                 Bucket=manifest.bucket,
                 Key=manifest.key,
-                Body=body,
-                ContentMD5=_md5(body),
                 ContentType="video/mp4",
                 Metadata=_metadata(manifest),
             )
@@ -94,18 +174,19 @@ class Uploader:
         try:
             parts = []
             for number, offset in enumerate(range(0, m.size_bytes, self.part_size), start=1):
-                body = await _read(path, offset, self.part_size)
-                await self.rate.take(len(body))
-                resp = await self.s3.upload_part(
+                size = min(self.part_size, m.size_bytes - offset)
+                await self.rate.take(size)
+                resp = await _send(
+                    path,
+                    offset,
+                    size,
+                    self.s3.upload_part,
                     Bucket=m.bucket,
                     Key=m.key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=body,
-                    ContentMD5=_md5(body),
                 )
                 parts.append({"PartNumber": number, "ETag": resp["ETag"]})
-                del body
             await self.s3.complete_multipart_upload(
                 Bucket=m.bucket, Key=m.key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )

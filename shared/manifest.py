@@ -133,6 +133,14 @@ def sign(manifest: Manifest, key_id: str, secret: bytes) -> SignedManifest:
     return SignedManifest(manifest=manifest, signature=Signature(key_id=key_id, mac=mac))
 
 
+def sign_fields(manifest: Manifest, key_id: str, secret: bytes) -> dict[str, bytes]:
+    """``sign(...).to_fields()``, serialising the manifest once instead of twice (the
+    canonical JSON is most of the cost of announcing a chunk)."""
+    payload = canonical_bytes(manifest)
+    signature = Signature(key_id=key_id, mac=_mac(secret, payload))  # validates key_id
+    return {"manifest": payload, "key_id": signature.key_id.encode(), "sig": signature.mac.encode()}
+
+
 def _field(fields: Mapping[bytes, bytes], name: str) -> bytes:
     value = fields.get(name.encode())
     if value is None:
