@@ -18,10 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cloud_ingest.filters import (
+    DECODE_THREADS,
     MAX_SIDE,
     MEDIA_ERRORS,
     check_container,
     check_frame,
+    check_parsed_size,
     open_chunk,
     video_stream,
 )
@@ -96,7 +98,7 @@ def _frames(
     declared = manifest.width * manifest.height
     with open_chunk(data, manifest) as container:
         stream = video_stream(container, manifest, None, declared)
-        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = DECODE_THREADS
         tb = Fraction(stream.time_base or Fraction(1, 90000))
         origin: int | None = None
         next_t = 0.0
@@ -116,6 +118,8 @@ def _frames(
             small = frame.reformat(width=w, height=h, format="yuvj420p")
             jpeg = b"".join(bytes(p) for p in enc.encode(small))
             _append(rows, manifest, index, t, w, h, jpeg, scores_json)
+        if not rows["frame_index"]:  # nothing decoded: perhaps a size it may not allocate
+            check_parsed_size(stream.codec_context, manifest, declared)
     return rows
 
 
