@@ -7,12 +7,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest deps venv clean
+.PHONY: demo test bench lint typecheck pytest deps venv clean
 
 demo: deps venv
 	$(BIN)/python -m devstack.demo
 
 test: deps venv lint typecheck pytest
+
+# Benchmarks against ffmpeg, s5cmd, arq and plain PyAV; results under bench/results/.
+bench: deps venv
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+	$(BIN)/python -m bench.run
 
 deps:
 	@scripts/install-deps.sh
