@@ -220,3 +220,21 @@ async def test_pipeline_status_command_reports_queue(stack: Stack) -> None:
     assert doc["rates"] == {"in_per_s": 0.0, "out_per_s": 0.0}  # nothing moved while sampling
     assert doc["consumers"][0]["name"] == "consumer-0"
     assert doc["consumers"][0]["pending"] == 2
+
+
+async def test_pipeline_many_cameras_all_capture_at_once(stack: Stack, clip: Path) -> None:
+    """More cameras than a default thread pool has threads (6 on 2 cores): every one of
+    them captures at the same time, and SIGTERM still drains and exits 0."""
+    cams = [{"id": f"cam{i}", "url": f"file://{clip}?loop=1"} for i in range(12)]
+    edge = edge_agent(stack, cams, stack.workdir / "edge.log")
+    try:
+
+        async def every_camera_announced() -> bool:
+            assert edge.running(), edge.text()[-3000:]
+            announced = [e for e in edge.events("chunk") if e.get("outcome") == "announced"]
+            return {e["camera_id"] for e in announced} == {c["id"] for c in cams}
+
+        await eventually(every_camera_announced, 45, "a chunk from each of 12 cameras")
+        assert edge.terminate(timeout=60) == 0, edge.text()[-3000:]
+    finally:
+        edge.kill()

@@ -26,11 +26,21 @@ KILLS = 10
 
 
 async def _kill_a_consumer(rng: random.Random) -> str:
-    name = f"consumer-{rng.randrange(2)}"
-    actor = ray.get_actor(f"ingest-{name}", namespace="cloud_ingest")
-    pid = await asyncio.wait_for(actor.pid.remote(), 60)
-    os.kill(int(pid), signal.SIGKILL)
-    return name
+    """SIGKILL a live consumer actor's process. One still restarting from the last kill
+    answers ActorUnavailableError: ask again until it (or its twin) is back."""
+    deadline = time.monotonic() + 120
+    while True:
+        name = f"consumer-{rng.randrange(2)}"
+        try:
+            actor = ray.get_actor(f"ingest-{name}", namespace="cloud_ingest")
+            pid = await asyncio.wait_for(actor.pid.remote(), 60)
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1)
+            continue
+        os.kill(int(pid), signal.SIGKILL)
+        return name
 
 
 @pytest.mark.timeout(900)
