@@ -109,13 +109,13 @@ async def test_queue_faults_2000_manifests_ten_kills_and_a_redis_restart(
 
         await eventually(settled, 60, "the queue to settle")
         assert cloud.terminate() == 0
+        records = await s3.records(out)
+        got = [r["chunk_id"] for r in records]
+        state = await queue_state(redis.url)
     finally:
         cloud.kill()
         await client.aclose()
-    records = await s3.records(out)
-    got = [r["chunk_id"] for r in records]
-    state = await queue_state(redis.url)
-    redis.stop()
+        redis.stop()
     [stopped] = cloud.events("deployment.stopped")
     figures = {
         "manifests": TOTAL,
