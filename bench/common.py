@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,49 @@ def run_measured(
     usage = sampler.usage()
     usage.wall_s, usage.cpu_s = time.monotonic() - start, cpu
     return usage, subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def synthetic_manifest(
+    seq: int,
+    digest: str,
+    start: datetime,
+    *,
+    device: str,
+    site: str,
+    camera: str,
+    bucket: str,
+    prefix: str,
+    size_bytes: int,
+) -> Any:
+    """A valid manifest of a 2 s 1080p chunk (30 frames, 2 keyframes) at ``start``, its
+    key derived as the agent derives it. (Imports late: arq's venv has only pydantic.)"""
+    from shared.keys import chunk_key
+    from shared.manifest import Manifest, derive_chunk_id
+
+    return Manifest(
+        chunk_id=derive_chunk_id(device, camera, seq, digest),
+        device_id=device,
+        site_id=site,
+        camera_id=camera,
+        seq=seq,
+        bucket=bucket,
+        key=chunk_key(prefix, site, camera, start, seq),
+        size_bytes=size_bytes,
+        sha256=digest,
+        container="mp4",
+        codec="h264",
+        width=1920,
+        height=1080,
+        frame_count=30,
+        keyframe_count=2,
+        start_time=start,
+        end_time=start + timedelta(seconds=2),
+        media_start_s=2.0 * seq,
+        media_duration_s=2.0,
+        discontinuity=False,
+        gap_before_s=0.0,
+        agent_version="bench",
+    )
 
 
 def side_venv(name: str, requirements: list[str]) -> Path:

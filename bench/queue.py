@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from bench.common import ROOT, Context, Figure, median, side_venv
+from bench.common import ROOT, Context, Figure, median, side_venv, synthetic_manifest
 
 KEY_ID = "bench"
 SECRET = b"bench-signing-secret-0123456789"
@@ -82,36 +82,19 @@ def sizes(quick: bool) -> Sizes:
 
 def manifests(n: int) -> Iterator[Any]:
     """``n`` valid manifests of one camera, within the cloud's clock window."""
-    from shared.keys import chunk_key
-    from shared.manifest import Manifest, derive_chunk_id
-
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
     for seq in range(n):
         digest = hashlib.sha256(seq.to_bytes(8, "big")).hexdigest()
-        start = base + timedelta(seconds=2 * seq)
-        yield Manifest(
-            chunk_id=derive_chunk_id(DEVICE, CAMERA, seq, digest),
-            device_id=DEVICE,
-            site_id=SITE,
-            camera_id=CAMERA,
-            seq=seq,
+        yield synthetic_manifest(
+            seq,
+            digest,
+            base + timedelta(seconds=2 * seq),
+            device=DEVICE,
+            site=SITE,
+            camera=CAMERA,
             bucket=RAW_BUCKET,
-            key=chunk_key("raw", SITE, CAMERA, start, seq),
+            prefix="raw",
             size_bytes=4_000_000,
-            sha256=digest,
-            container="mp4",
-            codec="h264",
-            width=1920,
-            height=1080,
-            frame_count=30,
-            keyframe_count=2,
-            start_time=start,
-            end_time=start + timedelta(seconds=2),
-            media_start_s=2.0 * seq,
-            media_duration_s=2.0,
-            discontinuity=False,
-            gap_before_s=0.0,
-            agent_version="bench",
         )
 
 

@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import CACHE, Context, Figure, median, run_measured
+from bench.common import CACHE, Context, Figure, median, run_measured, synthetic_manifest
 
 MIB = 1024 * 1024
 BUCKET = "bench-upload"
@@ -95,36 +95,19 @@ def materialise(cs: ChunkSet) -> tuple[Path, list[str]]:
 
 def manifests(folder: Path, hashes: list[str], prefix: str) -> list[dict[str, Any]]:
     """One manifest per file, with the fields the agent would derive (keys under prefix)."""
-    from shared.keys import chunk_key
-    from shared.manifest import Manifest, derive_chunk_id
-
     out = []
     for seq, digest in enumerate(hashes):
         path = folder / f"chunk-{seq:04d}.mp4"
-        start = BASE_TIME + timedelta(seconds=2 * seq)
-        m = Manifest(
-            chunk_id=derive_chunk_id("bench", "cam1", seq, digest),
-            device_id="bench",
-            site_id="site1",
-            camera_id="cam1",
-            seq=seq,
+        m = synthetic_manifest(
+            seq,
+            digest,
+            BASE_TIME + timedelta(seconds=2 * seq),
+            device="bench",
+            site="site1",
+            camera="cam1",
             bucket=BUCKET,
-            key=chunk_key(prefix, "site1", "cam1", start, seq),
+            prefix=prefix,
             size_bytes=path.stat().st_size,
-            sha256=digest,
-            container="mp4",
-            codec="h264",
-            width=1920,
-            height=1080,
-            frame_count=30,
-            keyframe_count=2,
-            start_time=start,
-            end_time=start + timedelta(seconds=2),
-            media_start_s=2.0 * seq,
-            media_duration_s=2.0,
-            discontinuity=False,
-            gap_before_s=0.0,
-            agent_version="bench",
         )
         out.append({"path": str(path), "manifest": m.model_dump(mode="json")})
     return out
