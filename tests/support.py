@@ -119,6 +119,28 @@ async def metric_appears(http: Any, base: str, line: str) -> bool:
         return False
 
 
+def promtool_problems(text: str) -> list[str]:
+    """What ``promtool check metrics`` (Prometheus's own linter) says of a /metrics page;
+    empty when it passes. Exit 1 is a parse error, 3 a lint problem."""
+    import shutil
+    import subprocess
+
+    if shutil.which("promtool") is None:
+        raise AssertionError("promtool missing: make deps installs Debian's prometheus package")
+    result = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    said = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    if result.returncode != 0 and not said:
+        said = [f"promtool exited {result.returncode}"]
+    return said
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

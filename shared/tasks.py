@@ -1,0 +1,85 @@
+"""Long-lived asyncio tasks, supervised.
+
+A task that ends with an exception is never left dead and unnoticed: the crash is
+logged with its traceback, counted (``on_crash``, e.g. a Prometheus counter), and
+the task is started again after a jittered back-off that grows while it keeps
+crashing and resets once it has run for a while. Cancellation (shutdown) is the
+only way out, besides a normal return for tasks started with ``restart=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shared.backoff import Backoff
+
+# A task that ran this long before crashing starts its back-off again from the bottom.
+HEALTHY_RUN_S = 30.0
+
+TaskFactory = Callable[[], Awaitable[None]]
+
+
+class Supervisor:
+    """Starts named tasks and keeps them running until ``stop()``."""
+
+    def __init__(
+        self,
+        log: Any,
+        on_crash: Callable[[str], None] | None = None,
+        *,
+        base_s: float = 0.5,
+        cap_s: float = 30.0,
+    ) -> None:
+        self.log = log
+        self.on_crash = on_crash
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.crashes: Counter[str] = Counter()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, factory: TaskFactory, *, restart_on_return: bool = False) -> None:
+        """Run ``factory()`` as task ``name``; restart it when it raises (and when it
+        returns, with ``restart_on_return``)."""
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} is already supervised")
+        self.tasks[name] = asyncio.create_task(
+            self._keep(name, factory, restart_on_return), name=name
+        )
+
+    async def _keep(self, name: str, factory: TaskFactory, restart_on_return: bool) -> None:
+        backoff = Backoff(self.base_s, self.cap_s)
+        while True:
+            started = time.monotonic()
+            try:
+                await factory()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if time.monotonic() - started >= HEALTHY_RUN_S:
+                    backoff.reset()
+                delay = backoff.next()
+                self.crashes[name] += 1
+                if self.on_crash is not None:
+                    self.on_crash(name)
+                self.log.exception("task.crashed", task=name, restart_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+                continue
+            if not restart_on_return:
+                return
+            await asyncio.sleep(backoff.next())
+
+    def done(self, name: str) -> bool:
+        """True once task ``name`` returned for good (never true for a crashing task)."""
+        task = self.tasks.get(name)
+        return task is not None and task.done()
+
+    async def stop(self, *names: str) -> None:
+        """Cancel the named tasks (all when none are named) and wait for them."""
+        chosen = [self.tasks.pop(n) for n in (names or list(self.tasks)) if n in self.tasks]
+        for task in chosen:
+            task.cancel()
+        await asyncio.gather(*chosen, return_exceptions=True)
