@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge_agent.spool import RESERVED_DIRS
 from shared.settings import read_secret
 
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -23,6 +24,8 @@ class Camera(BaseModel):
 
     @model_validator(mode="after")
     def _scheme(self) -> Camera:
+        if self.id in RESERVED_DIRS:
+            raise ValueError(f"camera id {self.id!r} is reserved (a spool directory)")
         scheme = urlparse(self.url).scheme
         if scheme not in {"rtsp", "rtsps", "http", "https", "file"}:
             raise ValueError(f"camera {self.id!r}: unsupported URL scheme {scheme!r}")
@@ -41,6 +44,18 @@ class EdgeSettings(BaseSettings):
     spool_max_bytes: int = Field(default=10 * 1024**3, gt=0)
     spool_min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
     spool_eviction: Literal["oldest", "newest"] = "oldest"
+    # Partial chunks that could not be salvaged, kept for inspection: bounded by bytes and
+    # age, and counted against EDGE_SPOOL_MAX_BYTES (dropped first when it is reached).
+    quarantine_max_bytes: int = Field(default=1024**3, ge=0)
+    quarantine_max_age_s: float = Field(default=7 * 86400.0, gt=0)
+    # Finished ledger rows (announced, or evicted/lost and declared) are kept this long.
+    ledger_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    # How long a ledger write waits for another process holding the database (a backup,
+    # an sqlite3 shell) before it fails and is retried.
+    ledger_busy_timeout_s: float = Field(default=30.0, gt=0)
+    # No chunk committed, uploaded, announced or evicted for this long while work waits
+    # and S3 and Redis answer: delivery is wedged (/readyz fails, the watchdog is withheld).
+    delivery_stall_s: float = Field(default=300.0, gt=0)
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]

@@ -4,20 +4,27 @@ Every chunk goes written → uploaded → announced (or evicted / lost, always w
 a ledger row, a log line and a metric). The ledger (WAL, synchronous=FULL) is
 the agent's memory across crashes: each camera's next ``seq`` and where its
 timeline ended. A chunk's file is deleted once uploaded; the spool's size is the
-bytes still waiting for upload. Camera threads and the event loop each use
-their own connection.
+bytes still waiting for upload plus the quarantine (partial files that could not
+be salvaged, kept for inspection, bounded by bytes and age). Finished rows are
+pruned after a retention period, so the ledger does not grow with the years.
+
+Each thread that calls in gets its own connection; the agent makes every call
+from one ledger thread, off its event loop. Claiming a chunk for delivery and
+evicting one are decided under one lock, so a chunk is never both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -28,7 +35,11 @@ from shared.manifest import Manifest
 
 WRITTEN, UPLOADED, ANNOUNCED = "written", "uploaded", "announced"
 EVICTED, LOST = "evicted", "lost"
+UNFINISHED = (WRITTEN, UPLOADED)
 EvictionPolicy = Literal["oldest", "newest"]
+# Directories of the spool that are not a camera's: camera ids may not take these names.
+RESERVED_DIRS = frozenset({"tmp", "quarantine"})
+_CHUNK_FILE = re.compile(r"^\d{10}-([0-9a-f]{32})\.mp4$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cameras (
@@ -50,6 +61,19 @@ CREATE TABLE IF NOT EXISTS chunks (
     UNIQUE (camera_id, seq)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state, created);
+"""
+# Finished rows to prune, oldest first, a batch at a time (rowid subqueries: SQLite's
+# DELETE has no LIMIT without a compile option).
+_PRUNE_GAPS = """
+DELETE FROM chunks WHERE rowid IN (
+    SELECT c.rowid FROM chunks c WHERE c.state IN ('evicted', 'lost') AND c.created < ?
+    AND EXISTS (SELECT 1 FROM chunks a
+                WHERE a.camera_id = c.camera_id AND a.seq > c.seq AND a.state = 'announced')
+    LIMIT ?)
+"""
+_PRUNE_ANNOUNCED = """
+DELETE FROM chunks WHERE rowid IN (
+    SELECT rowid FROM chunks WHERE state = 'announced' AND created < ? LIMIT ?)
 """
 
 
@@ -75,23 +99,72 @@ class Limits:
     max_bytes: int
     min_free_bytes: int
     policy: EvictionPolicy = "oldest"
+    quarantine_max_bytes: int = 1 << 30
+    quarantine_max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """A quarantined file removed: too old, over the quarantine's own byte limit, or to
+    bring the spool back under its limits (``age``, ``bytes``, ``spool_limit``)."""
+
+    name: str
+    size_bytes: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Freed:
+    """What making room removed: evicted chunks (footage, each a declared gap) and
+    quarantined files (unusable partials) pruned first."""
+
+    evicted: list[Record] = field(default_factory=list)
+    pruned: list[Pruned] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Recovered:
+    """What start-up recovery found after a crash."""
+
+    renamed: int = 0  # interrupted renames finished from their .partial file
+    salvaged: int = 0  # partial chunks cut to their complete fragments and committed
+    quarantined: int = 0  # partial chunks with nothing usable in them
+    removed: int = 0  # files of finished rows (a crash between commit and unlink)
+    orphaned: int = 0  # chunk files no row knows, quarantined
+    lost: list[Record] = field(default_factory=list)  # written rows whose file is gone
+    freed: Freed = field(default_factory=Freed)  # what salvaged chunks' commits evicted
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "renamed": self.renamed,
+            "salvaged": self.salvaged,
+            "quarantined": self.quarantined,
+            "removed": self.removed,
+            "orphaned": self.orphaned,
+            "lost": len(self.lost),
+        }
 
 
 ManifestFactory = Callable[[ClosedChunk, int, Position], Manifest]
 
 
 class Spool:
-    def __init__(self, root: Path, limits: Limits | None = None) -> None:
+    def __init__(
+        self, root: Path, limits: Limits | None = None, *, busy_timeout_s: float = 30.0
+    ) -> None:
         self.root = root
         self.limits = limits or Limits(max_bytes=1 << 62, min_free_bytes=0)
+        # How long a write waits for another process holding the ledger (a backup tool,
+        # an sqlite3 shell) before it fails with "database is locked"; callers retry.
+        self.busy_timeout_s = busy_timeout_s
         self.tmp_dir = root / "tmp"
         self.quarantine_dir = root / "quarantine"
         for d in (root, self.tmp_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.db_path = root / "ledger.sqlite3"
         self._local = threading.local()
-        self._busy: set[str] = set()  # chunks being uploaded: never evicted mid-flight
-        self._busy_lock = threading.Lock()
+        self._busy: set[str] = set()  # chunks claimed for delivery: never evicted
+        self._busy_lock = threading.Lock()  # claim and evict decide under it
         self._db().executescript(_SCHEMA)
 
     # -- connections ------------------------------------------------------------
@@ -99,7 +172,7 @@ class Spool:
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(self.db_path, timeout=self.busy_timeout_s, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             self._local.db = db
@@ -111,10 +184,13 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # Also after a failed COMMIT (busy, disk full): never leave the connection
+            # inside a transaction that the next BEGIN would trip over.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -133,19 +209,19 @@ class Spool:
         wall = datetime.fromisoformat(row[2]) if row[2] else None
         return Position(int(row[0]), row[1], wall)
 
-    def commit(
-        self, chunk: ClosedChunk, make_manifest: ManifestFactory
-    ) -> tuple[Manifest, list[Record]]:
-        """Give a closed chunk its seq, record it, move it to its final name, enforce limits.
+    def commit(self, chunk: ClosedChunk, make_manifest: ManifestFactory) -> tuple[Manifest, Freed]:
+        """``record``, ``place``, ``enforce_limits``: a closed chunk in the spool for good.
+        Returns its manifest and what was removed to make room."""
+        manifest = self.record(chunk, make_manifest)
+        self.place(chunk, manifest)
+        return manifest, self.enforce_limits(newest=manifest.chunk_id)
 
-        The row is written first with the final path; if we crash before the
-        rename, recovery finishes it from the ``.partial`` file. Returns the
-        manifest and any chunks evicted to make room.
-        """
+    def record(self, chunk: ClosedChunk, make_manifest: ManifestFactory) -> Manifest:
+        """Give a closed chunk its seq and write its row (with its final path) in one
+        transaction: all or nothing, so a failed attempt can simply be tried again."""
         with self._tx() as db:
             pos = self.position(db, chunk.camera_id)
             manifest = make_manifest(chunk, pos.next_seq, pos)
-            final = self.root / chunk.camera_id / f"{manifest.seq:010d}-{manifest.chunk_id}.mp4"
             now = time.time()
             db.execute(
                 "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -153,7 +229,7 @@ class Spool:
                     manifest.chunk_id,
                     chunk.camera_id,
                     manifest.seq,
-                    str(final),
+                    str(self.final_path(manifest)),
                     WRITTEN,
                     manifest.model_dump_json(),
                     chunk.size_bytes,
@@ -167,10 +243,20 @@ class Spool:
                 "wall_end = excluded.wall_end",
                 (chunk.camera_id, manifest.seq + 1, chunk.media_end_s, chunk.wall_end.isoformat()),
             )
+        return manifest
+
+    def final_path(self, manifest: Manifest) -> Path:
+        return self.root / manifest.camera_id / f"{manifest.seq:010d}-{manifest.chunk_id}.mp4"
+
+    def place(self, chunk: ClosedChunk, manifest: Manifest) -> None:
+        """Move a recorded chunk's file to its final name (idempotent). A crash before
+        this is finished by recovery from the ``.partial`` file (same sha256)."""
+        final = self.final_path(manifest)
+        if final.exists() and not chunk.path.exists():
+            return
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(chunk.path, final)
         fsync_dir(final.parent)
-        return manifest, self.enforce_limits(newest=manifest.chunk_id)
 
     # -- reads ------------------------------------------------------------------
 
@@ -191,16 +277,28 @@ class Spool:
         rows = (
             self._db()
             .execute(
-                "SELECT chunk_id FROM chunks WHERE state IN (?, ?) ORDER BY created",
-                (WRITTEN, UPLOADED),
+                "SELECT chunk_id FROM chunks WHERE state IN (?, ?) ORDER BY created", UNFINISHED
             )
             .fetchall()
         )
         return [r[0] for r in rows]
 
     def counts(self) -> dict[str, int]:
+        """Rows per state, the whole ledger (for start-up and shutdown lines)."""
         rows = self._db().execute("SELECT state, COUNT(*) FROM chunks GROUP BY state").fetchall()
         return {r[0]: int(r[1]) for r in rows}
+
+    def backlog(self) -> tuple[dict[str, int], float | None]:
+        """Unfinished rows per state and when the oldest of them was committed (epoch
+        seconds); an index range, however long the ledger's history."""
+        db = self._db()
+        rows = db.execute(
+            "SELECT state, COUNT(*), MIN(created) FROM chunks WHERE state IN (?, ?) GROUP BY state",
+            UNFINISHED,
+        ).fetchall()
+        counts = {state: 0 for state in UNFINISHED} | {r[0]: int(r[1]) for r in rows}
+        oldest = min((float(r[2]) for r in rows), default=None)
+        return counts, oldest
 
     def pending_bytes(self) -> int:
         """Bytes of chunk files still waiting for upload (the spool's bounded size)."""
@@ -217,14 +315,11 @@ class Spool:
         Derived at announce time from the ledger, so a gap caused by an eviction
         lands in the next manifest without rewriting anything already stored.
         """
-        rows = (
-            self._db()
-            .execute(
-                "SELECT seq, state, manifest FROM chunks WHERE camera_id = ? AND seq < ? "
-                "ORDER BY seq DESC LIMIT 10000",
-                (camera_id, seq),
-            )
-            .fetchall()
+        # Walked lazily down the (camera_id, seq) index: only the run itself is read.
+        rows = self._db().execute(
+            "SELECT seq, state, manifest FROM chunks WHERE camera_id = ? AND seq < ? "
+            "ORDER BY seq DESC",
+            (camera_id, seq),
         )
         gap, count, expected = 0.0, 0, seq - 1
         for row_seq, state, doc in rows:
@@ -238,62 +333,149 @@ class Spool:
 
     # -- state changes ----------------------------------------------------------
 
-    def claim(self, chunk_id: str) -> None:
+    def claim(self, chunk_id: str) -> Record | None:
+        """Reserve a chunk for delivery; None when it is not waiting any more (announced,
+        evicted) or another worker holds it. Decided under the same lock as eviction: a
+        claimed chunk is never evicted, an evicted one is never claimed."""
         with self._busy_lock:
+            rec = self.get(chunk_id)
+            if rec is None or rec.state not in UNFINISHED or chunk_id in self._busy:
+                return None
             self._busy.add(chunk_id)
+            return rec
 
     def release(self, chunk_id: str) -> None:
         with self._busy_lock:
             self._busy.discard(chunk_id)
 
     def mark_uploaded(self, chunk_id: str) -> None:
-        rec = self._set_state(chunk_id, UPLOADED, WRITTEN)
-        if rec is not None:
-            rec.path.unlink(missing_ok=True)  # in S3 now; the manifest lives in the ledger
+        """In S3 now (the manifest lives in the ledger): the file goes. Unlinked whenever
+        the row is past ``written``, so a retry after a failed unlink still frees it."""
+        self._set_state(chunk_id, UPLOADED, WRITTEN)
+        rec = self.get(chunk_id)
+        if rec is not None and rec.state != WRITTEN:
+            rec.path.unlink(missing_ok=True)
 
     def mark_announced(self, chunk_id: str) -> None:
         self._set_state(chunk_id, ANNOUNCED, UPLOADED)
 
-    def _set_state(self, chunk_id: str, state: str, expected: str) -> Record | None:
+    def _set_state(self, chunk_id: str, state: str, expected: str) -> bool:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE chunks SET state = ?, updated = ? WHERE chunk_id = ? AND state = ?",
                 (state, time.time(), chunk_id, expected),
             )
-        return self.get(chunk_id) if cur.rowcount else None
+        return bool(cur.rowcount)
+
+    def prune(self, older_than: float, batch: int = 1000) -> int:
+        """Delete finished rows committed before ``older_than`` (epoch seconds), a batch
+        per transaction. An evicted or lost row goes only once a later chunk of its camera
+        was announced (the manifest that declared its gap); seq and timelines live in the
+        cameras table and are never pruned."""
+        deleted = 0
+        for sql in (_PRUNE_GAPS, _PRUNE_ANNOUNCED):
+            while True:
+                with self._tx() as db:
+                    n = db.execute(sql, (older_than, batch)).rowcount
+                deleted += n
+                if n < batch:
+                    break
+        return deleted
 
     # -- limits -----------------------------------------------------------------
 
     def _over_limits(self) -> bool:
         free = shutil.disk_usage(self.root).free
-        return self.pending_bytes() > self.limits.max_bytes or free < self.limits.min_free_bytes
+        used = self.pending_bytes() + self.quarantine_bytes()
+        return used > self.limits.max_bytes or free < self.limits.min_free_bytes
 
-    def enforce_limits(self, newest: str | None = None) -> list[Record]:
-        """Evict by policy until under the byte limit and above the free-disk margin."""
-        evicted: list[Record] = []
-        while self._over_limits():
-            victim = self._victim(newest)
-            if victim is None:
-                break
-            rec = self._set_state(victim, EVICTED, WRITTEN)
-            if rec is not None:
-                rec.path.unlink(missing_ok=True)
-                evicted.append(rec)
-        return evicted
+    def enforce_limits(self, newest: str | None = None) -> Freed:
+        """Until under the byte limit and above the free-disk margin: drop quarantined
+        files first (oldest first; they can never be uploaded), then evict chunks by
+        policy, never one claimed for delivery."""
+        freed = Freed()
+        with self._busy_lock:
+            while self._over_limits():
+                pruned = self._drop_quarantined("spool_limit")
+                if pruned is not None:
+                    freed.pruned.append(pruned)
+                    continue
+                victim = self._victim(newest)
+                if victim is None:
+                    break
+                if self._set_state(victim, EVICTED, WRITTEN):
+                    rec = self.get(victim)
+                    assert rec is not None
+                    rec.path.unlink(missing_ok=True)
+                    freed.evicted.append(rec)
+        return freed
 
     def _victim(self, newest: str | None) -> str | None:
+        """The next chunk to evict (the caller holds the busy lock)."""
         if self.limits.policy == "newest" and newest is not None:
-            return newest if newest not in self._busy and self._state(newest) == WRITTEN else None
-        with self._busy_lock:
-            busy = set(self._busy)
+            ok = newest not in self._busy and self._state(newest) == WRITTEN
+            return newest if ok else None
         order = "ASC" if self.limits.policy == "oldest" else "DESC"
         for (chunk_id,) in self._db().execute(
             f"SELECT chunk_id FROM chunks WHERE state = ? ORDER BY created {order}",  # noqa: S608
             (WRITTEN,),
         ):
-            if chunk_id not in busy:
+            if chunk_id not in self._busy:
                 return str(chunk_id)
         return None
+
+    # -- quarantine -------------------------------------------------------------
+
+    def quarantine(self, path: Path) -> Path:
+        """Keep a file that cannot be uploaded for inspection; its age counts from now."""
+        dst = self.quarantine_dir / path.name
+        n = 0
+        while dst.exists():
+            n += 1
+            dst = self.quarantine_dir / f"{path.name}.{n}"
+        os.replace(path, dst)
+        os.utime(dst)
+        fsync_dir(self.quarantine_dir)
+        return dst
+
+    def _quarantined(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every quarantined file, oldest first."""
+        out = []
+        for entry in os.scandir(self.quarantine_dir):
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat()
+                out.append((st.st_mtime, st.st_size, Path(entry.path)))
+        return sorted(out)
+
+    def quarantine_bytes(self) -> int:
+        return sum(size for _, size, _ in self._quarantined())
+
+    def _drop_quarantined(self, reason: str) -> Pruned | None:
+        files = self._quarantined()
+        if not files:
+            return None
+        _, size, path = files[0]
+        path.unlink(missing_ok=True)
+        return Pruned(path.name, size, reason)
+
+    def prune_quarantine(self, now: float | None = None) -> list[Pruned]:
+        """Remove quarantined files past their age limit, then the oldest until the
+        quarantine is within its own byte limit."""
+        now = time.time() if now is None else now
+        out = []
+        files = self._quarantined()
+        total = sum(size for _, size, _ in files)
+        for mtime, size, path in files:
+            if now - mtime > self.limits.quarantine_max_age_s:
+                reason = "age"
+            elif total > self.limits.quarantine_max_bytes:
+                reason = "bytes"
+            else:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            out.append(Pruned(path.name, size, reason))
+        return out
 
     def _state(self, chunk_id: str) -> str | None:
         row = (
@@ -305,13 +487,14 @@ class Spool:
 
     # -- recovery ---------------------------------------------------------------
 
-    def recover(self, make_manifest: ManifestFactory) -> dict[str, int]:
-        """After a crash: finish interrupted renames, salvage partial chunks, quarantine the rest.
+    def recover(self, make_manifest: ManifestFactory) -> Recovered:
+        """After a crash: finish interrupted renames, salvage partial chunks, quarantine the
+        rest, and remove the files that finished rows left behind.
 
         A ``written`` row whose file is gone is marked ``lost`` (a gap the next
         manifest reports) rather than uploaded as if it were good.
         """
-        out = {"renamed": 0, "lost": 0, "salvaged": 0, "quarantined": 0}
+        out = Recovered()
         partials = {p.name: p for p in self.tmp_dir.glob("*.partial")}
         for chunk_id in self.unfinished():
             rec = self.get(chunk_id)
@@ -321,19 +504,37 @@ class Spool:
             if partial is not None:
                 os.replace(partial, rec.path)
                 del partials[partial.name]
-                out["renamed"] += 1
-            else:
-                self._set_state(chunk_id, LOST, WRITTEN)
-                out["lost"] += 1
+                out.renamed += 1
+            elif self._set_state(chunk_id, LOST, WRITTEN):
+                out.lost.append(rec)
         for path in sorted(partials.values()):
             chunk = salvage(path)
             if chunk is None:
-                os.replace(path, self.quarantine_dir / path.name)
-                out["quarantined"] += 1
+                self.quarantine(path)
+                out.quarantined += 1
             else:
-                self.commit(chunk, make_manifest)
-                out["salvaged"] += 1
+                _, freed = self.commit(chunk, make_manifest)
+                out.freed.evicted += freed.evicted
+                out.freed.pruned += freed.pruned
+                out.salvaged += 1
+        self._sweep(out)
         return out
+
+    def _sweep(self, out: Recovered) -> None:
+        """Chunk files whose row is finished are deleted (``mark_uploaded`` commits before
+        it unlinks; a crash between leaves the file); files no row knows are quarantined."""
+        for cam_dir in self.root.iterdir():
+            if not cam_dir.is_dir() or cam_dir.name in RESERVED_DIRS:
+                continue
+            for path in cam_dir.glob("*.mp4"):
+                match = _CHUNK_FILE.match(path.name)
+                rec = self.get(match.group(1)) if match else None
+                if rec is None or rec.path != path:
+                    self.quarantine(path)
+                    out.orphaned += 1
+                elif rec.state != WRITTEN:
+                    path.unlink(missing_ok=True)
+                    out.removed += 1
 
     def _partial_for(self, rec: Record, partials: dict[str, Path]) -> Path | None:
         for p in partials.values():

@@ -73,9 +73,9 @@ def test_spool_evicts_oldest_first_and_reports_the_gap(
     evicted = []
     manifests = []
     for c in fresh_chunks:
-        m, ev = spool.commit(c, factory)
+        m, freed = spool.commit(c, factory)
         manifests.append(m)
-        evicted.extend(ev)
+        evicted.extend(freed.evicted)
     assert [r.manifest.seq for r in evicted] == [0, 1, 2]
     assert all(not r.path.exists() for r in evicted)
     assert spool.pending_bytes() <= 3 * size
@@ -91,7 +91,7 @@ def test_spool_newest_policy_keeps_old_footage(
 ) -> None:
     size = max(c.size_bytes for c in fresh_chunks)
     spool = Spool(tmp_path / "spool", Limits(max_bytes=2 * size, min_free_bytes=0, policy="newest"))
-    evicted = [r.manifest.seq for c in fresh_chunks for r in spool.commit(c, factory)[1]]
+    evicted = [r.manifest.seq for c in fresh_chunks for r in spool.commit(c, factory)[1].evicted]
     assert evicted == [2, 3, 4, 5]
     assert spool.evicted_run_before("cam1", 6) == (pytest.approx(4.0), 4)
 
@@ -102,9 +102,9 @@ def test_spool_never_evicts_a_chunk_being_uploaded(
     size = max(c.size_bytes for c in fresh_chunks)
     spool = Spool(tmp_path / "spool", Limits(max_bytes=size, min_free_bytes=0))
     first, _ = spool.commit(fresh_chunks[0], factory)
-    spool.claim(first.chunk_id)
-    _, evicted = spool.commit(fresh_chunks[1], factory)
-    assert [r.manifest.seq for r in evicted] == [1]
+    assert spool.claim(first.chunk_id) is not None
+    _, freed = spool.commit(fresh_chunks[1], factory)
+    assert [r.manifest.seq for r in freed.evicted] == [1]
     assert spool.get(first.chunk_id).state == WRITTEN  # type: ignore[union-attr]
 
 
@@ -144,8 +144,15 @@ def test_recovery_on_startup_commits_salvage_and_quarantines_garbage(
     spool = Spool(tmp_path / "spool")
     truncated_partial(whole, spool.tmp_dir, cut=500)
     (spool.tmp_dir / partial_name("cam1", whole.wall_start)).write_bytes(b"\x00" * 100)
-    result = spool.recover(factory)
-    assert result == {"renamed": 0, "lost": 0, "salvaged": 1, "quarantined": 1}
+    result = spool.recover(factory).as_dict()
+    assert result == {
+        "renamed": 0,
+        "lost": 0,
+        "salvaged": 1,
+        "quarantined": 1,
+        "removed": 0,
+        "orphaned": 0,
+    }
     [chunk_id] = spool.unfinished()
     rec = spool.get(chunk_id)
     assert rec is not None and rec.manifest.frame_count == 75 and rec.path.exists()
@@ -163,7 +170,7 @@ def test_recovery_finishes_interrupted_rename_or_marks_lost(tmp_path: Path, clip
     recs[0].path.rename(spool.tmp_dir / partial_name("cam1", recs[0].manifest.start_time))  # type: ignore[union-attr]
     # ...and as if a file vanished.
     recs[1].path.unlink()  # type: ignore[union-attr]
-    result = spool.recover(factory)
+    result = spool.recover(factory).as_dict()
     assert (result["renamed"], result["lost"]) == (1, 1)
     assert recs[0].path.exists()  # type: ignore[union-attr]
     assert spool.get(recs[1].chunk_id).state == LOST  # type: ignore[union-attr]
