@@ -44,6 +44,7 @@ class CameraWorker:
         self.metrics = metrics
         self.stop = stop
         self.tmp_dir = tmp_dir
+        self.up = False  # delivering packets on a live connection (set by its own thread)
         self.breaker = Breaker(
             settings.breaker_threshold,
             1.0,
@@ -68,6 +69,7 @@ class CameraWorker:
                 log.exception("camera.crashed")
                 delay = self._failed(exc)
             finally:
+                self.up = False
                 self.metrics.camera_up.labels(self.cam.id).set(0)
             self.metrics.circuit_open.labels(self.cam.id).set(int(self.breaker.is_open))
             if self.stop.wait(delay):
@@ -95,36 +97,42 @@ class CameraWorker:
             self.cam.url, self.stop, open_timeout_s=s.camera_timeout_s, watchdog_s=s.watchdog_s
         )
         try:
-            ctx = source.stream.codec_context
-            log.info("camera.connected", codec=ctx.name, width=ctx.width, height=ctx.height)
-            segmenter = Segmenter(
-                self.cam.id, source.stream, self.tmp_dir, s.segment_seconds, self.on_chunk
-            )
-            repair = TimestampRepair(
-                source.time_base,
-                segmenter.frame_ticks,
-                wrap=MPEGTS_WRAP if source.is_mpegts else None,
-            )
-            try:
-                self._pump(source, repair, segmenter)
-            finally:
-                segmenter.flush()  # keep what was captured before a stop, an EOF or an error
-                log.info(
-                    "camera.disconnected",
-                    skipped_before_keyframe=segmenter.skipped,
-                    parameter_changes=segmenter.param_changes,
-                )
-                for kind, n in repair.counts.items():
-                    self.metrics.timestamps_fixed.labels(self.cam.id, kind).inc(n)
+            self.capture_from(source)
         finally:
             source.close()
         return source.spec.realtime and not source.spec.loop
+
+    def capture_from(self, source: Source) -> None:
+        """Capture an open source until it ends, fails or is stopped: timestamp repair,
+        then the segmenter, whose open chunk is flushed whatever happened."""
+        ctx = source.stream.codec_context
+        log.info("camera.connected", codec=ctx.name, width=ctx.width, height=ctx.height)
+        segmenter = Segmenter(
+            self.cam.id, source.stream, self.tmp_dir, self.settings.segment_seconds, self.on_chunk
+        )
+        repair = TimestampRepair(
+            source.time_base,
+            segmenter.frame_ticks,
+            wrap=MPEGTS_WRAP if source.is_mpegts else None,
+        )
+        try:
+            self._pump(source, repair, segmenter)
+        finally:
+            segmenter.flush()  # keep what was captured before a stop, an EOF or an error
+            log.info(
+                "camera.disconnected",
+                skipped_before_keyframe=segmenter.skipped,
+                parameter_changes=segmenter.param_changes,
+            )
+            for kind, n in repair.counts.items():
+                self.metrics.timestamps_fixed.labels(self.cam.id, kind).inc(n)
 
     def _pump(self, source: Source, repair: TimestampRepair, segmenter: Segmenter) -> None:
         first = True
         for pkt, reset in repair.run(source.packets()):
             if first:
                 first = False
+                self.up = True
                 self.breaker.success()
                 self.metrics.camera_up.labels(self.cam.id).set(1)
                 self.metrics.circuit_open.labels(self.cam.id).set(0)

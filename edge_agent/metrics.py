@@ -56,8 +56,25 @@ class EdgeMetrics:
         )
         self.lost = Counter(
             "edge_agent_chunks_lost",
-            "Chunks found missing or unrecoverable at start-up",
+            "Committed chunks whose file was found missing at start-up (a declared gap)",
             cam,
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "edge_agent_chunks_quarantined",
+            "Partial or unknown chunk files moved to quarantine/ at start-up (never uploaded)",
+            ["reason"],
+            registry=r,
+        )
+        self.quarantine_pruned = Counter(
+            "edge_agent_quarantine_pruned",
+            "Quarantined files removed (age, bytes: its own limits; spool_limit: room)",
+            ["reason"],
+            registry=r,
+        )
+        self.quarantine_bytes = Gauge(
+            "edge_agent_quarantine_bytes",
+            "Bytes in quarantine/ (counted against EDGE_SPOOL_MAX_BYTES)",
             registry=r,
         )
         self.bytes_uploaded = Counter(
@@ -83,4 +100,32 @@ class EdgeMetrics:
             "Chunks in the ledger not yet announced",
             ["state"],
             registry=r,
+        )
+        self.oldest_unannounced = Gauge(
+            "edge_agent_oldest_unannounced_age_seconds",
+            "Age of the oldest committed chunk not yet announced (0: none waiting)",
+            registry=r,
+        )
+        self.delivery_stalled = Gauge(
+            "edge_agent_delivery_stalled",
+            "1 while work waits, S3 and Redis answer, and nothing moved for EDGE_DELIVERY_STALL_S",
+            registry=r,
+        )
+        self.ledger_retries = Counter(
+            "edge_agent_ledger_retries",
+            "Ledger operations that failed (database locked, disk full) and were retried",
+            ["op"],
+            registry=r,
+        )
+        self.task_crashes = Counter(
+            "edge_agent_task_crashes",
+            "Long-lived tasks that ended with an exception and were restarted",
+            ["task"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "edge_agent_event_loop_lag_seconds",
+            "How late the event loop ran a 100 ms timer (blocking work on the loop)",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )

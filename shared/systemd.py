@@ -16,10 +16,13 @@ def notify(message: str) -> bool:
         return False
     if path.startswith("@"):  # abstract namespace
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    # Non-blocking: with the manager's queue full a blocking send would stall the caller's
+    # event loop; a dropped ping is retried by the next one.
+    flags = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    with socket.socket(socket.AF_UNIX, flags) as sock:
         try:
             sock.connect(path)
-            sock.sendall(message.encode())
+            sock.send(message.encode())
         except OSError:
             return False
     return True

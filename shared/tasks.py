@@ -41,14 +41,17 @@ class Supervisor:
         self.crashes: Counter[str] = Counter()
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def start(self, name: str, factory: TaskFactory, *, restart_on_return: bool = False) -> None:
+    def start(
+        self, name: str, factory: TaskFactory, *, restart_on_return: bool = False
+    ) -> asyncio.Task[None]:
         """Run ``factory()`` as task ``name``; restart it when it raises (and when it
-        returns, with ``restart_on_return``)."""
+        returns, with ``restart_on_return``). The task ends only by cancellation or, without
+        ``restart_on_return``, when ``factory()`` returns."""
         if name in self.tasks:
             raise ValueError(f"task {name!r} is already supervised")
-        self.tasks[name] = asyncio.create_task(
-            self._keep(name, factory, restart_on_return), name=name
-        )
+        task = asyncio.create_task(self._keep(name, factory, restart_on_return), name=name)
+        self.tasks[name] = task
+        return task
 
     async def _keep(self, name: str, factory: TaskFactory, restart_on_return: bool) -> None:
         backoff = Backoff(self.base_s, self.cap_s)

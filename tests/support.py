@@ -20,7 +20,7 @@ from devstack import daemons
 from devstack.daemons import BIN, Daemon, log_events
 from devstack.s3 import S3
 from edge_agent.segmenter import ClosedChunk
-from shared.keys import chunk_key, dlq_stream
+from shared.keys import chunk_key, dlq_stream, manifest_key
 from shared.manifest import Manifest, derive_chunk_id, sign
 from shared.queue import publish
 
@@ -141,6 +141,45 @@ def promtool_problems(text: str) -> list[str]:
     return said
 
 
+class NotifySocket:
+    """A real AF_UNIX datagram socket where systemd's ``$NOTIFY_SOCKET`` would be: a thread
+    reads every sd_notify message as it comes (as systemd would), with its monotonic time."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+        import threading
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._open = True
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while self._open:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def count(self, text: str, since: float = 0.0) -> int:
+        return sum(m == text and t >= since for t, m in list(self.messages))
+
+    def texts(self) -> list[str]:
+        return [m for _, m in list(self.messages)]
+
+    def close(self) -> None:
+        self._open = False
+        self._thread.join(2)
+        self.sock.close()
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -176,7 +215,9 @@ def sha256(data: bytes) -> str:
 def segment_file(
     clip: Path, out: Path, seconds: float, *, loop: bool = False, limit: int = 0
 ) -> list[Any]:
-    """Cut a clip into chunks as the agent would, without real-time pacing."""
+    """Cut a clip into chunks with the Segmenter alone (no timestamp repair), without
+    real-time pacing: chunks for tests of what comes after capture. ``capture_file``
+    runs the agent's whole capture path."""
     import threading
 
     from edge_agent.capture import Source, SourceSpec
@@ -193,6 +234,36 @@ def segment_file(
     seg.flush()
     source.close()
     return chunks
+
+
+def capture_file(
+    src: Path, out: Path, segment_s: float, on_chunk: Callable[[Any], None], camera: str = "cam1"
+) -> None:
+    """Run ``CameraWorker.capture_from`` on a recording, as fast as it demuxes."""
+    import threading
+
+    from edge_agent.camera import CameraWorker
+    from edge_agent.capture import Source, SourceSpec
+    from edge_agent.config import EdgeSettings
+    from edge_agent.metrics import EdgeMetrics
+
+    config: dict[str, Any] = {
+        "device_id": "dev-1",
+        "site_id": "site-1",
+        "s3_bucket": "raw-bucket",
+        "signing_key": "k",
+        "segment_seconds": segment_s,
+        "cameras": [{"id": camera, "url": f"file://{src}"}],
+    }
+    settings = EdgeSettings(**config)
+    stop = threading.Event()
+    worker = CameraWorker(settings.cameras[0], settings, out, on_chunk, EdgeMetrics(), stop)
+    source = Source(f"file://{src}", stop)
+    source.spec = SourceSpec(source.spec.target, {}, realtime=False, loop=False)
+    try:
+        worker.capture_from(source)
+    finally:
+        source.close()
 
 
 @dataclass
@@ -214,6 +285,8 @@ class Edge:
         secret: str = SECRET,
         tamper: bool = False,
         unsigned: bool = False,
+        sidecar: bool = False,
+        announce: bool = True,
         **fields: Any,
     ) -> Manifest:
         body = chunk.path.read_bytes() if data is None else data
@@ -254,5 +327,9 @@ class Edge:
             entry["manifest"] = entry["manifest"].replace(b'"seq":', b'"seq":1')
         if unsigned:
             del entry["key_id"], entry["sig"]
-        await publish(self.redis, "chunks", entry)
+        if sidecar:  # the signed manifest beside its chunk, as the agent stores it
+            doc_text = json.dumps({k: v.decode() for k, v in entry.items()}, sort_keys=True)
+            await self.s3.put(manifest.bucket, manifest_key(manifest.key), doc_text.encode())
+        if announce:
+            await publish(self.redis, "chunks", entry)
         return manifest

@@ -10,6 +10,7 @@ import itertools
 import json
 import random
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,15 @@ import redis.asyncio as aioredis
 
 from devstack.s3 import S3
 from devstack.servers import RedisServer, RtspServer, SeaweedS3, free_port
-from tests.support import Daemon, Stack, edge_agent, eventually, log_events, report_figures
+from tests.support import (
+    Daemon,
+    NotifySocket,
+    Stack,
+    edge_agent,
+    eventually,
+    log_events,
+    report_figures,
+)
 
 
 @pytest.fixture
@@ -391,3 +400,138 @@ async def _has(d: Daemon, event: str) -> bool:
 
 async def _more(d: Daemon, event: str, than: int) -> bool:
     return len(d.events(event)) > than
+
+
+# Another process holding the ledger's write lock, as a backup tool or an sqlite3 shell
+# left inside a transaction would; it lets go when its stdin closes.
+HOLD_LEDGER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+db.execute("ROLLBACK")
+"""
+
+
+async def test_fault_ledger_locked_past_busy_timeout_while_s3_returns(
+    own_stack: tuple[Stack, RedisServer, SeaweedS3], rtsp_server: RtspServer
+) -> None:
+    """1. The agent runs (1 s chunks; a ledger write gives up after 1 s; wedged after 5 s
+    without progress; systemd watchdog of 2 s). 2. S3 dies; chunks spool. 3. Another
+    process takes the ledger's write lock and holds it. 4. S3 comes back: uploads finish,
+    and every ledger write behind them fails with "database is locked", again and again.
+    5. With S3 and Redis answering and nothing moving, the agent says it is wedged:
+    /readyz reports delivery false and WATCHDOG=1 stops. 6. The lock goes: delivery
+    resumes, the watchdog comes back, every chunk is delivered; the agent never exited and
+    SIGTERM drains it with nothing left written or uploaded."""
+    stack, _, s3 = own_stack
+    port = free_port()
+    notify = NotifySocket(stack.workdir / "notify.sock")
+    edge = edge_agent(
+        stack,
+        [{"id": "cam1", "url": rtsp_server.url("cam1")}],
+        stack.workdir / "edge.log",
+        EDGE_SEGMENT_SECONDS="1",
+        EDGE_HTTP_BIND=f"127.0.0.1:{port}",
+        EDGE_LEDGER_BUSY_TIMEOUT_S="1",
+        EDGE_DELIVERY_STALL_S="5",
+        NOTIFY_SOCKET=str(notify.path),
+        WATCHDOG_USEC="2000000",
+    )
+    holder = None
+    try:
+        await eventually(lambda: _announced(edge, 2), 60, "chunks before the outage")
+        s3.kill()
+        await eventually(lambda: _written_at_least(stack, 3), 30, "chunks spooled")
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            HOLD_LEDGER,
+            str(stack.workdir / "spool" / "ledger.sqlite3"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert holder.stdout is not None and holder.stdin is not None
+        assert (await holder.stdout.readline()).strip() == b"locked"
+        locked_at = time.monotonic()
+        s3.start()
+        up_at = time.monotonic()
+        await eventually(lambda: _ready(port, "delivery", False), 60, "the agent to say wedged")
+        wedged_after_s = time.monotonic() - up_at
+        await asyncio.sleep(0.5)  # a ping decided just before may still be in flight
+        quiet_from = time.monotonic()
+        await asyncio.sleep(3)
+        pings_while_wedged = notify.count("WATCHDOG=1", since=quiet_from)
+        holder.stdin.close()
+        await asyncio.wait_for(holder.wait(), 10)
+        held_s = time.monotonic() - locked_at
+        released_at = time.monotonic()
+        await eventually(lambda: _drained(stack), 90, "the backlog to drain")
+        drain_s = time.monotonic() - released_at
+        await eventually(
+            lambda: _async(notify.count("WATCHDOG=1", since=released_at) >= 2),
+            30,
+            "the watchdog to come back",
+        )
+        assert await _ready(port, "delivery", True)
+        assert edge.running(), "the agent exited"
+        retries = await _metric_sum(port, "edge_agent_ledger_retries_total")
+        crashes = await _metric_sum(port, "edge_agent_task_crashes_total")
+        assert edge.terminate() == 0
+    finally:
+        if holder is not None and holder.returncode is None:
+            holder.kill()
+        edge.kill()
+        notify.close()
+    figures = await audit(stack)
+    figures.update(
+        lock_held_s=round(held_s, 1),
+        wedged_after_s3_up_s=round(wedged_after_s, 1),
+        watchdog_pings_while_wedged=pings_while_wedged,
+        ledger_retries=retries,
+        task_crashes=crashes,
+        drained_after_release_s=round(drain_s, 1),
+    )
+    report("ledger_locked", figures)
+    assert figures["lost"] == 0 and figures["corrupt"] == 0
+    assert pings_while_wedged == 0
+    assert retries > 0
+    rows = ledger(stack)
+    assert not [r for r in rows if r["state"] in ("written", "uploaded")]
+    [chunks] = timelines(figures["stream"]).values()
+    assert [m["seq"] for m in chunks] == list(range(len(chunks)))
+    assert unflagged_gaps(chunks) == []
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def _written_at_least(stack: Stack, n: int) -> bool:
+    return sum(r["state"] == "written" for r in ledger(stack)) >= n
+
+
+async def _ready(port: int, check: str, want: bool) -> bool:
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            body = await resp.json()
+    except (aiohttp.ClientError, OSError):
+        return False
+    return bool(body["checks"].get(check) is want and (resp.status == 200) is body["ready"])
+
+
+async def _metric_sum(port: int, name: str) -> float:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import configparser
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,7 +12,15 @@ import aiohttp
 import pytest
 
 from devstack.servers import RtspServer, free_port
-from tests.support import BIN, Stack, edge_agent, eventually, metric_appears
+from tests.support import (
+    BIN,
+    NotifySocket,
+    Stack,
+    edge_agent,
+    eventually,
+    metric_appears,
+    promtool_problems,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
@@ -65,27 +71,17 @@ async def test_sd_notify_ready_watchdog_and_stopping(
     stack: Stack, rtsp_server: RtspServer, tmp_path: Path
 ) -> None:
     """A real AF_UNIX datagram socket stands where systemd's would be."""
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.setblocking(False)
-    messages: list[str] = []
+    notify = NotifySocket(tmp_path / "notify.sock")
     edge = edge_agent(
         stack,
         [{"id": "cam1", "url": rtsp_server.url("cam1")}],
         tmp_path / "e.log",
-        NOTIFY_SOCKET=str(sock_path),
+        NOTIFY_SOCKET=str(notify.path),
         WATCHDOG_USEC="2000000",
     )
 
     async def received(text: str, times: int = 1) -> bool:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                messages.append((await asyncio.wait_for(loop.sock_recv(sock, 4096), 0.2)).decode())
-            except TimeoutError:
-                break
-        return sum(m == text for m in messages) >= times
+        return notify.count(text) >= times
 
     try:
         await eventually(lambda: received("READY=1"), 30, "READY=1")
@@ -94,7 +90,8 @@ async def test_sd_notify_ready_watchdog_and_stopping(
         await eventually(lambda: received("STOPPING=1"), 5, "STOPPING=1")
     finally:
         edge.kill()
-        sock.close()
+        notify.close()
+    messages = notify.texts()
     assert messages.index("READY=1") < messages.index("WATCHDOG=1")
 
 
@@ -118,7 +115,13 @@ async def test_health_readiness_and_metrics(
             async with http.get(f"{base}/readyz") as resp:
                 body = await resp.json()
                 assert resp.status == 200, body
-                assert body["checks"] == {"s3": True, "redis": True, "cameras": True}
+                assert body["checks"] == {
+                    "s3": True,
+                    "redis": True,
+                    "cameras": True,
+                    "recovered": True,
+                    "delivery": True,
+                }
             async with http.get(f"{base}/metrics") as resp:
                 text = await resp.text()
         assert 'edge_agent_camera_up{camera="cam1"} 1.0' in text
@@ -126,6 +129,8 @@ async def test_health_readiness_and_metrics(
         assert re.search(r"edge_agent_upload_seconds_count [1-9]", text)
         assert "edge_agent_spool_bytes" in text
         assert 'edge_agent_ledger_backlog{state="written"}' in text
+        assert re.search(r"edge_agent_event_loop_lag_seconds_count [1-9]", text)
+        assert promtool_problems(text) == []  # what Prometheus's own linter says
         assert edge.terminate() == 0
     finally:
         edge.kill()
