@@ -183,7 +183,10 @@ class HttpTap:
             loop.run_forever()
         finally:
             self._server.close()
-            loop.run_until_complete(self._server.wait_closed())
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from edge_agent.config import EdgeSettings
 from edge_agent.segmenter import ClosedChunk
 from edge_agent.spool import Position
+from edge_agent.uploader import content_md5
 from shared import __version__
 from shared.keys import chunk_key, manifest_key
 from shared.manifest import Manifest, derive_chunk_id, sign_fields
@@ -87,6 +88,7 @@ async def announce(
         Bucket=manifest.bucket,
         Key=manifest_key(manifest.key),
         Body=sidecar,
+        ContentMD5=content_md5(sidecar),
         ContentType="application/json",
     )
     return await publish(client, settings.stream, fields)

@@ -7,6 +7,12 @@ buffers whatever the chunk or part size. Every PUT and part carries a
 Content-MD5 (and a CRC32), computed by one streaming pass over the same range
 before the request, so the server refuses a body corrupted in transit; the
 sha256 travels as object metadata.
+
+``EDGE_UPLOAD_MAX_BPS`` paces the body bytes themselves: aiohttp sends a body
+by reading it 64 KiB at a time in a worker thread, and each read waits for its
+tokens, so across all uploads at once no more than the cap plus one burst
+(``RateLimit.burst``: a tenth of a second's worth, at least one read) leaves in
+any interval. Request headers and TLS framing are not counted.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import base64
 import hashlib
 import io
 import os
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +36,33 @@ READ_SIZE = MIB  # per read() while hashing: large enough to amortise the calls
 
 
 class RateLimit:
-    """A token bucket over bytes; ``rate`` 0 means unlimited. Bursts up to one second's worth."""
+    """A token bucket over body bytes, shared by every upload; ``rate`` 0 means unlimited.
+
+    Thread-safe and blocking: it is called from the threads that read request bodies.
+    Each caller reserves its bytes (the balance may go negative) and sleeps off the
+    debt outside the lock, so concurrent readers queue in order and the total rate
+    holds whatever their number."""
+
+    READ = 64 * 1024  # what aiohttp reads per call
 
     def __init__(self, rate: int, burst: int | None = None) -> None:
         self.rate = rate
-        self.capacity = float(burst or rate)
-        self.tokens = self.capacity
+        self.burst = burst or max(self.READ, rate // 10)
+        self.tokens = float(self.burst)
         self.stamp = time.monotonic()
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()
 
-    async def take(self, n: int) -> None:
-        if self.rate <= 0:
+    def take(self, n: int) -> None:
+        if self.rate <= 0 or n <= 0:
             return
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-                self.stamp = now
-                if self.tokens >= min(n, self.capacity):
-                    self.tokens -= n  # may go negative for a large n: later callers wait longer
-                    return
-                await asyncio.sleep((min(n, self.capacity) - self.tokens) / self.rate)
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= n
+            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
 
 
 class FileRange(io.RawIOBase):
@@ -58,12 +72,21 @@ class FileRange(io.RawIOBase):
     streams it to the socket in small reads; a retry seeks it back to 0. Nothing holds
     more than one read's worth of it."""
 
-    def __init__(self, path: Path, offset: int, size: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        offset: int,
+        size: int,
+        rate: RateLimit | None = None,
+        on_read: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
         self._fd = os.open(path, os.O_RDONLY)
         self._offset = offset
         self._size = max(0, min(size, os.fstat(self._fd).st_size - offset))
         self._pos = 0
+        self._rate = rate  # paces read(), the call that feeds the socket
+        self._on_read = on_read  # body bytes are moving: progress, for the stall check
 
     def __len__(self) -> int:
         return self._size
@@ -87,9 +110,13 @@ class FileRange(io.RawIOBase):
         n = left if size is None or size < 0 else min(size, left)
         if n <= 0:
             return b""
+        if self._rate is not None:
+            self._rate.take(n)
         # pread: no shared file position, so a read never depends on an earlier seek.
         data = os.pread(self._fd, n, self._offset + self._pos)
         self._pos += len(data)
+        if self._on_read is not None:
+            self._on_read()
         return data
 
     def readinto(self, buffer: Any) -> int:
@@ -110,6 +137,11 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
+def content_md5(data: bytes) -> str:
+    """The Content-MD5 header of a small in-memory body (the manifest sidecar)."""
+    return _b64(hashlib.md5(data, usedforsecurity=False).digest())
+
+
 def _checksums(path: Path, offset: int, size: int) -> dict[str, str]:
     """Content-MD5 and the CRC32 botocore would otherwise add, in one pass over the range
     into one reused buffer (no per-read allocation)."""
@@ -128,14 +160,6 @@ def _checksums(path: Path, offset: int, size: int) -> dict[str, str]:
     }
 
 
-async def _send(path: Path, offset: int, size: int, request: Any, **params: Any) -> Any:
-    """One PUT or part: its checksums by a streaming pass (in a thread: hashlib and zlib
-    release the GIL), then the range itself as the streamed body."""
-    checksums = await asyncio.to_thread(_checksums, path, offset, size)
-    with FileRange(path, offset, size) as body:
-        return await request(Body=body, **checksums, **params)
-
-
 class Uploader:
     def __init__(
         self,
@@ -144,16 +168,24 @@ class Uploader:
         multipart_threshold: int = 16 * MIB,
         part_size: int = 8 * MIB,
         rate: RateLimit | None = None,
+        on_read: Callable[[], None] | None = None,
     ) -> None:
         self.s3 = s3
         self.threshold = multipart_threshold
         self.part_size = part_size
         self.rate = rate or RateLimit(0)
+        self.on_read = on_read
+
+    async def _send(self, path: Path, offset: int, size: int, request: Any, **params: Any) -> Any:
+        """One PUT or part: its checksums by a streaming pass (in a thread: hashlib and zlib
+        release the GIL), then the range itself as the streamed, paced body."""
+        checksums = await asyncio.to_thread(_checksums, path, offset, size)
+        with FileRange(path, offset, size, self.rate, self.on_read) as body:
+            return await request(Body=body, **checksums, **params)
 
     async def upload(self, path: Path, manifest: Manifest) -> None:
         if manifest.size_bytes <= self.threshold:
-            await self.rate.take(manifest.size_bytes)
-            await _send(
+            await self._send(
                 path,
                 0,
                 manifest.size_bytes,
@@ -175,8 +207,7 @@ class Uploader:
             parts = []
             for number, offset in enumerate(range(0, m.size_bytes, self.part_size), start=1):
                 size = min(self.part_size, m.size_bytes - offset)
-                await self.rate.take(size)
-                resp = await _send(
+                resp = await self._send(
                     path,
                     offset,
                     size,

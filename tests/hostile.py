@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 # Boxes whose payload is nothing but child boxes, and the sample entries / full boxes whose
@@ -432,7 +433,9 @@ def recover_job(root: str, name: str, data: bytes) -> dict[str, Any]:
     spool = Spool(Path(root))
     (spool.tmp_dir / name).write_bytes(data)
     try:
-        result = spool.recover(lambda c, seq, prev: build_manifest(settings, c, seq, prev))
+        result = spool.recover(
+            lambda c, seq, prev: build_manifest(settings, c, seq, prev)
+        ).as_dict()
         records = [spool.get(i) for i in spool.unfinished()]
         return {
             "result": result,
@@ -445,33 +448,18 @@ def recover_job(root: str, name: str, data: bytes) -> dict[str, Any]:
 
 
 def segment_job(src: str, out: str, segment_s: float) -> dict[str, Any]:
-    """A camera connection as ``CameraWorker._capture`` runs it (source, timestamp repair,
-    segmenter, flush whatever happens), without real-time pacing. The errors the worker
-    documents as camera errors are returned; anything else propagates."""
-    import threading
-    from pathlib import Path
-
+    """A camera connection through the agent's own capture path
+    (``CameraWorker.capture_from``: timestamp repair, segmenter, flush whatever happens),
+    from a source opened without real-time pacing. The errors the worker documents as
+    camera errors are returned; anything else propagates."""
     from edge_agent.camera import CAPTURE_ERRORS
-    from edge_agent.capture import Source, SourceSpec
-    from edge_agent.segmenter import ClosedChunk, Segmenter
-    from edge_agent.timestamps import MPEGTS_WRAP, TimestampRepair
+    from edge_agent.segmenter import ClosedChunk
+    from tests.support import capture_file
 
     chunks: list[ClosedChunk] = []
     error = None
     try:
-        source = Source(f"file://{src}", threading.Event())
-        source.spec = SourceSpec(source.spec.target, {}, realtime=False, loop=False)
-        try:
-            segmenter = Segmenter("cam1", source.stream, Path(out), segment_s, chunks.append)
-            wrap = MPEGTS_WRAP if source.is_mpegts else None
-            repair = TimestampRepair(source.time_base, segmenter.frame_ticks, wrap=wrap)
-            try:
-                for pkt, reset in repair.run(source.packets()):
-                    segmenter.feed(pkt, reset)
-            finally:
-                segmenter.flush()
-        finally:
-            source.close()
+        capture_file(Path(src), Path(out), segment_s, chunks.append)
     except CAPTURE_ERRORS as exc:
         error = f"{type(exc).__name__}: {exc}"
     return {"error": error, "chunks": chunks}

@@ -9,8 +9,9 @@ from pathlib import Path
 import av
 
 from devstack.media import make_clip
+from edge_agent.segmenter import ClosedChunk
 from edge_agent.timestamps import MPEGTS_WRAP, TimestampRepair
-from tests.support import segment_file
+from tests.support import capture_file
 
 TB = Fraction(1, 90000)
 FRAME = 6000  # 15 fps at 90 kHz
@@ -91,8 +92,11 @@ def wrapping_ts_clip(tmp_path: Path) -> Path:
 
 
 def test_timestamps_wrapping_mpegts_recording_is_chunked_contiguously(tmp_path: Path) -> None:
+    """Through the agent's own capture path (CameraWorker.capture_from): the timestamp
+    repair unwraps the 33-bit clock, so the segmenter never sees the jump back."""
     clip = wrapping_ts_clip(tmp_path)
-    chunks = segment_file(clip, tmp_path / "out", 2.0)
+    chunks: list[ClosedChunk] = []
+    capture_file(clip, tmp_path / "out", 2.0, chunks.append)
     assert sum(c.frame_count for c in chunks) == 90
     assert len(chunks) == 3
     for before, after in itertools.pairwise(chunks):

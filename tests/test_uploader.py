@@ -1,17 +1,26 @@
-"""Uploads against a real SeaweedFS: single PUT, streamed multipart, bandwidth cap."""
+"""Uploads against a real SeaweedFS, some seen through a proxy on the wire: single PUT,
+streamed multipart with Content-MD5 per part, a part damaged in transit, bandwidth cap."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+from botocore.exceptions import ClientError
+
+from devstack.proxy import HttpTap, TappedRequest
 from devstack.s3 import S3
+from devstack.servers import SeaweedS3
 from edge_agent.uploader import MIB, RateLimit, Uploader
 from shared.manifest import Manifest, derive_chunk_id
-from tests.support import Stack
+from shared.s3 import object_exists
+from tests.support import Stack, report_figures
 
 
 def manifest_for(path: Path, bucket: str, key: str) -> Manifest:
@@ -69,13 +78,100 @@ async def test_uploader_multipart_above_threshold_streams_parts(
     assert hashlib.sha256(await s3.get(stack.raw_bucket, m.key)).hexdigest() == m.sha256
 
 
-async def test_uploader_rate_limit_holds_bytes_to_the_cap() -> None:
-    limit = RateLimit(200_000)  # 200 kB/s, one second of burst
+def busiest(sent: list[tuple[float, int]], window: float) -> int:
+    """The most bytes that passed the wire within any ``window`` seconds."""
+    best, start, total = 0, 0, 0
+    for t, n in sent:
+        total += n
+        while sent[start][0] <= t - window:
+            total -= sent[start][1]
+            start += 1
+        best = max(best, total)
+    return best
+
+
+async def test_uploader_rate_limit_bounds_bursts_on_the_wire(
+    stack: Stack, s3_server: SeaweedS3, tmp_path: Path
+) -> None:
+    """EDGE_UPLOAD_MAX_BPS paces the body itself: seen from a proxy on the wire, no second
+    carries more than a second's worth plus one burst (and a quarter second of scheduling
+    jitter at the proxy), and the average holds the cap. (It used to take a whole PUT's
+    tokens and then send it at line rate.)"""
+    rate = 800_000
+    path = tmp_path / "paced.bin"
+    path.write_bytes(os.urandom(2_400_000))
+    m = manifest_for(path, stack.raw_bucket, "a/paced.mp4")
+    limit = RateLimit(rate)
+    with HttpTap(s3_server.endpoint) as tap:
+        async with S3(tap.url) as client:
+            t0 = time.monotonic()
+            await Uploader(client.client, rate=limit).upload(path, m)
+            elapsed = time.monotonic() - t0
+            assert await client.get(stack.raw_bucket, m.key) == path.read_bytes()
+        sent = list(tap.sent)
+    window = 1.0
+    peak = busiest(sent, window)
+    allowed = rate * (window + 0.25) + limit.burst + RateLimit.READ + 8192  # + headers
+    report_figures(
+        "upload_pacing",
+        {
+            "rate": rate,
+            "burst": limit.burst,
+            "peak_per_s": peak,
+            "allowed": allowed,
+            "seconds": round(elapsed, 2),
+        },
+    )
+    assert peak <= allowed
+    assert elapsed >= (m.size_bytes - limit.burst) / rate * 0.95
+
+
+def test_uploader_rate_limit_is_shared_by_threads() -> None:
+    """Four readers at once (four uploads) share one cap."""
+    limit = RateLimit(2_000_000)
     t0 = time.monotonic()
-    for _ in range(5):
-        await limit.take(100_000)  # 500 kB: 200 kB burst, then 300 kB at 200 kB/s
-    assert time.monotonic() - t0 >= 1.4
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: [limit.take(65536) for _ in range(16)], range(4)))
+    total = 4 * 16 * 65536
+    assert time.monotonic() - t0 >= (total - limit.burst) / limit.rate * 0.95
     unlimited = RateLimit(0)
     t0 = time.monotonic()
-    await unlimited.take(10**9)
+    unlimited.take(10**9)
     assert time.monotonic() - t0 < 0.1
+
+
+async def test_uploader_multipart_sends_content_md5_and_a_damaged_part_is_refused(
+    stack: Stack, s3_server: SeaweedS3, tmp_path: Path
+) -> None:
+    """Every part carries Content-MD5 (seen on the wire); a part damaged in transit is
+    refused by the server (BadDigest), the upload is aborted, and the retry is intact."""
+    path = tmp_path / "parts.bin"
+    path.write_bytes(os.urandom(11 * MIB))
+    m = manifest_for(path, stack.raw_bucket, "a/parts.mp4")
+    with HttpTap(s3_server.endpoint) as tap:
+        async with S3(tap.url) as client:
+            uploader = Uploader(client.client, multipart_threshold=5 * MIB, part_size=5 * MIB)
+            tap.damage(lambda r: r.method == "PUT" and "partNumber=2" in r.query, offset=12345)
+            with pytest.raises(ClientError) as refused:
+                await uploader.upload(path, m)
+            assert refused.value.response["Error"]["Code"] == "BadDigest"
+            assert not await object_exists(client.client, stack.raw_bucket, m.key)
+            await uploader.upload(path, m)
+            data = await client.get(stack.raw_bucket, m.key)
+        requests = tap.snapshot()
+    assert hashlib.sha256(data).hexdigest() == m.sha256
+    parts = [r for r in requests if r.method == "PUT" and "partNumber=" in r.query]
+    assert len(parts) == 2 + 3  # two parts of the refused attempt, three of the retry
+    assert [r.damaged_at for r in parts if r.damaged_at is not None] == [12345]
+    for r in parts:
+        digest = base64.b64encode(hashlib.md5(_part(path, r), usedforsecurity=False).digest())
+        assert r.headers.get("content-md5") == digest.decode(), r.target
+    aborts = [r for r in requests if r.method == "DELETE" and "uploadId=" in r.query]
+    assert len(aborts) == 1
+
+
+def _part(path: Path, req: TappedRequest) -> bytes:
+    number = int(dict(p.split("=", 1) for p in req.query.split("&"))["partNumber"])
+    with path.open("rb") as fh:
+        fh.seek((number - 1) * 5 * MIB)
+        return fh.read(req.body_size)
