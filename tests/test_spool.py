@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import shutil
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -12,9 +18,19 @@ from edge_agent.config import EdgeSettings
 from edge_agent.publisher import build_manifest
 from edge_agent.recovery import complete_prefix, salvage
 from edge_agent.segmenter import ClosedChunk, partial_name
-from edge_agent.spool import ANNOUNCED, EVICTED, LOST, UPLOADED, WRITTEN, Limits, Position, Spool
+from edge_agent.spool import (
+    ANNOUNCED,
+    EVICTED,
+    LOST,
+    UPLOADED,
+    WRITTEN,
+    Limits,
+    Position,
+    Pruned,
+    Spool,
+)
 from shared.manifest import Manifest
-from tests.support import segment_file
+from tests.support import report_figures, segment_file
 
 SETTINGS = EdgeSettings(
     device_id="dev-1",
@@ -176,3 +192,160 @@ def test_recovery_finishes_interrupted_rename_or_marks_lost(tmp_path: Path, clip
     assert spool.get(recs[1].chunk_id).state == LOST  # type: ignore[union-attr]
     assert spool.evicted_run_before("cam1", 2) == (pytest.approx(2.0), 1)
     assert UPLOADED not in spool.counts()
+
+
+def _copies(chunk: ClosedChunk, tmp_dir: Path, n: int) -> Iterator[ClosedChunk]:
+    """``n`` chunks with ``chunk``'s content, each in a fresh temp file (commit moves it)."""
+    data = chunk.path.read_bytes()
+    for i in range(n):
+        path = tmp_dir / f"copy-{i}.mp4.partial"
+        path.write_bytes(data)
+        yield dataclasses.replace(chunk, path=path)
+
+
+def test_spool_claim_and_eviction_race_never_evict_a_claimed_chunk(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    """A committer evicts the oldest chunk at (almost) every commit, room being for two,
+    while three delivery threads keep trying to claim that same oldest chunk and "upload"
+    it (read the file to the end, then mark_uploaded). A chunk a delivery claimed must
+    never end up evicted, and its file must be there to read in full: claim and evict are
+    one decision."""
+    chunk = fresh_chunks[0]
+    spool = Spool(tmp_path / "spool", Limits(max_bytes=2 * chunk.size_bytes, min_free_bytes=0))
+    committed: list[str] = []
+    finished = threading.Event()
+    uploaded: list[str] = []
+    broken: list[str] = []
+
+    def commit_all() -> None:
+        for c in _copies(chunk, spool.tmp_dir, 300):
+            committed.append(spool.commit(c, factory)[0].chunk_id)
+        finished.set()
+
+    def deliver() -> None:
+        seen: set[str] = set()
+        while not finished.is_set() or len(seen) < len(committed):
+            for chunk_id in [i for i in committed if i not in seen][:2]:  # the oldest
+                if _deliver_one(spool, chunk_id, uploaded, broken):
+                    seen.add(chunk_id)
+
+    threads = [threading.Thread(target=deliver) for _ in range(3)]
+    threads.append(threading.Thread(target=commit_all))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    states = {i: spool.get(i).state for i in uploaded}  # type: ignore[union-attr]
+    counts = spool.counts()
+    report_figures(
+        "spool_claim_vs_evict",
+        {"commits": 300, "uploaded": len(uploaded), "broken": len(broken), **counts},
+    )
+    assert broken == []
+    assert set(states.values()) <= {UPLOADED}
+    assert counts.get(EVICTED, 0) > 0 and len(uploaded) > 0  # both really happened
+    assert sum(counts.values()) == 300
+
+
+def _deliver_one(spool: Spool, chunk_id: str, uploaded: list[str], broken: list[str]) -> bool:
+    """What a delivery worker does with the spool: claim, read the file whole, mark it.
+    True once the chunk is out of the delivery's hands (delivered, or not claimable)."""
+    rec = spool.claim(chunk_id)
+    if rec is None:
+        return spool.get(chunk_id).state != WRITTEN  # type: ignore[union-attr]
+    if rec.state != WRITTEN:  # uploaded already: next comes the announcement, not the file
+        spool.release(chunk_id)
+        return True
+    try:
+        data = rec.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != rec.manifest.sha256:
+            broken.append(chunk_id)
+        spool.mark_uploaded(chunk_id)
+        uploaded.append(chunk_id)
+    except FileNotFoundError:
+        broken.append(chunk_id)
+    finally:
+        spool.release(chunk_id)
+    return True
+
+
+def test_recovery_removes_files_finished_rows_left_and_quarantines_unknown_ones(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    """A crash between a state change and its unlink leaves the file; so does one between
+    eviction's commit and its unlink. Recovery deletes those; a chunk file no row knows
+    goes to quarantine; a chunk still waiting keeps its file."""
+    spool = Spool(tmp_path / "spool")
+    ms = [spool.commit(c, factory)[0] for c in fresh_chunks[:4]]
+    for c in fresh_chunks[4:]:
+        c.path.unlink()  # not partials of a crash: keep them out of this recovery
+    paths = [spool.final_path(m) for m in ms]
+    # The first halves of mark_uploaded, mark_announced and an eviction: rows changed, files
+    # still there (as a kill -9 right after each commit leaves them).
+    spool._set_state(ms[0].chunk_id, UPLOADED, WRITTEN)
+    spool._set_state(ms[1].chunk_id, UPLOADED, WRITTEN)
+    spool._set_state(ms[1].chunk_id, ANNOUNCED, UPLOADED)
+    spool._set_state(ms[2].chunk_id, EVICTED, WRITTEN)
+    stray = paths[0].parent / f"{99:010d}-{'ab' * 16}.mp4"
+    stray.write_bytes(b"not ours")
+    spool.close()
+
+    spool = Spool(tmp_path / "spool")
+    found = spool.recover(factory)
+    assert (found.removed, found.orphaned) == (3, 1)
+    assert [p.exists() for p in paths] == [False, False, False, True]
+    assert [p.name for p in spool.quarantine_dir.iterdir()] == [stray.name]
+    assert spool.unfinished() == [ms[0].chunk_id, ms[3].chunk_id]  # to announce; to upload
+
+
+def test_quarantine_is_bounded_by_age_and_bytes(tmp_path: Path) -> None:
+    spool = Spool(
+        tmp_path / "spool",
+        Limits(1 << 40, 0, quarantine_max_bytes=250, quarantine_max_age_s=3600),
+    )
+    names = []
+    for i in range(3):
+        src = tmp_path / f"junk{i}.partial"
+        src.write_bytes(bytes(100))
+        names.append(spool.quarantine(src).name)
+    old = time.time() - 7200
+    os.utime(spool.quarantine_dir / names[0], (old, old))
+    assert spool.prune_quarantine() == [Pruned(names[0], 100, "age")]
+    src = tmp_path / "junk3.partial"
+    src.write_bytes(bytes(100))
+    spool.quarantine(src)
+    assert spool.prune_quarantine() == [Pruned(names[1], 100, "bytes")]
+    assert spool.quarantine_bytes() == 200
+
+
+def test_quarantine_counts_against_the_spool_limit_and_goes_before_footage(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    size = max(c.size_bytes for c in fresh_chunks)
+    spool = Spool(tmp_path / "spool", Limits(max_bytes=int(1.5 * size), min_free_bytes=0))
+    junk = tmp_path / "torn.partial"
+    junk.write_bytes(bytes(size))
+    name = spool.quarantine(junk).name
+    _, freed = spool.commit(fresh_chunks[0], factory)
+    assert freed.pruned == [Pruned(name, size, "spool_limit")]
+    assert freed.evicted == []
+    assert spool.counts() == {WRITTEN: 1}
+
+
+def test_ledger_prune_keeps_rows_that_still_declare_a_gap(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    ms = [spool.commit(c, factory)[0] for c in fresh_chunks[:3]]
+    spool.mark_uploaded(ms[0].chunk_id)
+    spool.mark_announced(ms[0].chunk_id)
+    spool._set_state(ms[1].chunk_id, EVICTED, WRITTEN)
+    assert spool.prune(time.time() + 1) == 1  # the announced one; the eviction is undeclared
+    assert spool.get(ms[0].chunk_id) is None
+    assert spool.evicted_run_before("cam1", 2) == (pytest.approx(1.0), 1)
+    spool.mark_uploaded(ms[2].chunk_id)
+    spool.mark_announced(ms[2].chunk_id)  # its manifest declared the gap
+    assert spool.prune(time.time() + 1) == 2
+    assert spool.counts() == {}
+    assert spool.position(spool._db(), "cam1").next_seq == 3  # timelines are never pruned
