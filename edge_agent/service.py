@@ -154,7 +154,9 @@ class EdgeService:
         self._account(found)
         self._freed(Freed(found.freed.evicted, found.freed.pruned + pruned))
         self._recovered = True
-        log.info("spool.recovered", backlog=len(backlog), **found.as_dict(), **counts)
+        # The ledger's counts go in a field of their own: a state name ("lost") is also one
+        # of recovery's counts (spreading both crashed the start-up once a chunk was lost).
+        log.info("spool.recovered", backlog=len(backlog), ledger=counts, **found.as_dict())
         return backlog
 
     @staticmethod

@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import random
+import signal
 import sqlite3
 import sys
 import time
@@ -49,7 +50,10 @@ async def own_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, RedisServer, S
 
 
 def ledger(stack: Stack) -> list[dict[str, Any]]:
-    db = sqlite3.connect(stack.workdir / "spool" / "ledger.sqlite3")
+    path = stack.workdir / "spool" / "ledger.sqlite3"
+    if not path.exists():  # the agent has not created it yet
+        return []
+    db = sqlite3.connect(path)
     rows = db.execute("SELECT chunk_id, camera_id, seq, state, manifest FROM chunks").fetchall()
     db.close()
     return [
@@ -535,3 +539,88 @@ async def _metric_sum(port: int, name: str) -> float:
         for line in text.splitlines()
         if line.startswith(name) and not line.startswith("#")
     )
+
+
+async def test_fault_chunk_files_gone_are_counted_lost_after_a_restart(
+    stack: Stack, clip: Path
+) -> None:
+    """S3 unreachable: a replay's 3 chunks stay in the spool. The agent stops; one chunk's
+    file disappears (a disk fault, an operator). The next start marks it lost, logs it,
+    counts it in edge_agent_chunks_lost_total, and declares the gap in the next manifest."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    cams = [{"id": "cam1", "url": f"file://{clip}"}]
+    edge = edge_agent(
+        stack,
+        cams,
+        stack.workdir / "e1.log",
+        EDGE_S3_ENDPOINT_URL=nowhere,
+        EDGE_DRAIN_TIMEOUT_S="1",
+    )
+    try:
+        await eventually(lambda: _written_at_least(stack, 3), 60, "3 chunks spooled")
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+    victim = min((r for r in ledger(stack) if r["state"] == "written"), key=lambda r: r["seq"])
+    [path] = (stack.workdir / "spool" / "cam1").glob(f"*-{victim['chunk_id']}.mp4")
+    path.unlink()
+    port = free_port()
+    edge = edge_agent(stack, cams, stack.workdir / "e2.log", EDGE_HTTP_BIND=f"127.0.0.1:{port}")
+    try:
+        await eventually(lambda: _drained(stack), 60, "the rest delivered")
+        lost = await _metric_sum(port, 'edge_agent_chunks_lost_total{camera="cam1"}')
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+    [line] = [e for e in edge.events("chunk") if e.get("outcome") == "lost"]
+    figures = await audit(stack)
+    report("lost_counted", {**figures, "lost_metric": lost})
+    assert lost == 1 and line["chunk_id"] == victim["chunk_id"]
+    assert {r["chunk_id"]: r["state"] for r in ledger(stack)}[victim["chunk_id"]] == "lost"
+    after = next(m for m in timelines(figures["stream"])["cam1"] if m["seq"] == victim["seq"] + 1)
+    assert after["discontinuity"] and after["evicted_before"] == 1
+
+
+async def test_fault_second_sigterm_skips_the_drain_and_loses_nothing(
+    stack: Stack, clip: Path
+) -> None:
+    """1. S3 is unreachable, so chunks wait in the spool. 2. SIGTERM: the agent drains and
+    would wait up to EDGE_DRAIN_TIMEOUT_S (60 s) for uploads that cannot happen. 3. A
+    second SIGTERM skips the waits: the agent exits at once (as uvicorn does on a second
+    Ctrl-C). 4. The next start, with S3 back, delivers every chunk: nothing was lost."""
+    cams = [{"id": "cam1", "url": f"file://{clip}?loop=1"}]
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    edge = edge_agent(
+        stack,
+        cams,
+        stack.workdir / "e1.log",
+        EDGE_S3_ENDPOINT_URL=nowhere,
+        EDGE_DRAIN_TIMEOUT_S="60",
+    )
+    try:
+        await eventually(lambda: _written_at_least(stack, 2), 60, "chunks spooled")
+        edge.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: _has(edge, "agent.draining"), 10, "the drain to start")
+        second_at = time.monotonic()
+        edge.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(edge.proc.wait, 15)
+        exit_s = time.monotonic() - second_at
+    finally:
+        edge.kill()
+    assert code == 0
+    assert _has_now(edge, "agent.force_stop")
+    waiting = sum(r["state"] == "written" for r in ledger(stack))
+    edge = edge_agent(stack, [{"id": "cam1", "url": f"file://{clip}"}], stack.workdir / "e2.log")
+    try:
+        await eventually(lambda: _drained(stack), 60, "the spool delivered after the restart")
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+    figures = await audit(stack)
+    report("second_sigterm", {**figures, "exit_after_second_signal_s": round(exit_s, 2)})
+    assert exit_s < 10  # not the 60 s drain
+    assert waiting >= 2 and figures["lost"] == 0 and figures["corrupt"] == 0
+
+
+def _has_now(d: Daemon, event: str) -> bool:
+    return bool(d.events(event))
