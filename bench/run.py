@@ -59,8 +59,30 @@ def main(argv: list[str]) -> int:
                     print(f"[bench]   {_line(f)}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not quick:  # a partial run keeps the other benchmarks' last figures
+        figures, timings = _merged(figures, timings, set(names))
     write(figures, timings, failures, quick)
     return 1 if failures else 0
+
+
+def _merged(
+    figures: list[Figure], timings: dict[str, float], ran: set[str]
+) -> tuple[list[Figure], dict[str, float]]:
+    path = RESULTS / "results.json"
+    if ran == set(BENCHES) or not path.exists():
+        return figures, timings
+    last = json.loads(path.read_text())
+    if last.get("quick"):
+        return figures, timings
+    kept = [
+        Figure(**{k: v for k, v in f.items() if k != "ratio"})
+        for f in last["figures"]
+        if f["bench"] not in ran
+    ]
+    old = {k: v for k, v in last.get("seconds", {}).items() if k not in ran}
+    order = {name: i for i, name in enumerate(BENCHES)}
+    merged = sorted(kept + figures, key=lambda f: order.get(f.bench, len(order)))
+    return merged, {**old, **timings}
 
 
 def _line(f: Figure) -> str:
