@@ -105,9 +105,9 @@ class EdgeService:
         )
         async with AsyncExitStack() as stack:
             stack.push_async_callback(self.ledger.close)
-            stack.push_async_callback(self.tasks.stop)
             s3, redis = await self._clients(stack)
             await self._serve_http(stack, s3, redis)
+            stack.push_async_callback(self.tasks.stop)  # first out: before the clients close
             self.tasks.start("loop_lag", lambda: measure_loop_lag(self.metrics.loop_lag))
             self.tasks.start("probe", lambda: self._probe_loop(s3, redis))
             backlog = await self._recover()
@@ -236,7 +236,8 @@ class EdgeService:
 
     def _stalled(self) -> list[str]:
         """The lanes that are wedged (``health``); empty while all is well."""
-        assert self.delivery is not None
+        if self.delivery is None:  # still recovering
+            return []
         lanes: list[tuple[Lane, int]] = [
             ("commit", self._closed.qsize()),
             ("delivery", self.delivery.waiting()),

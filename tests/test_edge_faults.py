@@ -547,15 +547,8 @@ async def test_fault_chunk_files_gone_are_counted_lost_after_a_restart(
     """S3 unreachable: a replay's 3 chunks stay in the spool. The agent stops; one chunk's
     file disappears (a disk fault, an operator). The next start marks it lost, logs it,
     counts it in edge_agent_chunks_lost_total, and declares the gap in the next manifest."""
-    nowhere = f"http://127.0.0.1:{free_port()}"
     cams = [{"id": "cam1", "url": f"file://{clip}"}]
-    edge = edge_agent(
-        stack,
-        cams,
-        stack.workdir / "e1.log",
-        EDGE_S3_ENDPOINT_URL=nowhere,
-        EDGE_DRAIN_TIMEOUT_S="1",
-    )
+    edge = _without_s3(stack, cams, stack.workdir / "e1.log", drain_s=1)
     try:
         await eventually(lambda: _written_at_least(stack, 3), 60, "3 chunks spooled")
         assert edge.terminate() == 0
@@ -589,14 +582,7 @@ async def test_fault_second_sigterm_skips_the_drain_and_loses_nothing(
     second SIGTERM skips the waits: the agent exits at once (as uvicorn does on a second
     Ctrl-C). 4. The next start, with S3 back, delivers every chunk: nothing was lost."""
     cams = [{"id": "cam1", "url": f"file://{clip}?loop=1"}]
-    nowhere = f"http://127.0.0.1:{free_port()}"
-    edge = edge_agent(
-        stack,
-        cams,
-        stack.workdir / "e1.log",
-        EDGE_S3_ENDPOINT_URL=nowhere,
-        EDGE_DRAIN_TIMEOUT_S="60",
-    )
+    edge = _without_s3(stack, cams, stack.workdir / "e1.log", drain_s=60)
     try:
         await eventually(lambda: _written_at_least(stack, 2), 60, "chunks spooled")
         edge.proc.send_signal(signal.SIGTERM)
@@ -620,6 +606,17 @@ async def test_fault_second_sigterm_skips_the_drain_and_loses_nothing(
     report("second_sigterm", {**figures, "exit_after_second_signal_s": round(exit_s, 2)})
     assert exit_s < 10  # not the 60 s drain
     assert waiting >= 2 and figures["lost"] == 0 and figures["corrupt"] == 0
+
+
+def _without_s3(stack: Stack, cams: list[dict[str, str]], log: Path, drain_s: float) -> Daemon:
+    """An agent whose S3 endpoint nothing listens on: its chunks stay in the spool."""
+    return edge_agent(
+        stack,
+        cams,
+        log,
+        EDGE_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        EDGE_DRAIN_TIMEOUT_S=str(drain_s),
+    )
 
 
 def _has_now(d: Daemon, event: str) -> bool:

@@ -176,7 +176,7 @@ async def test_readyz_camera_that_never_connected_is_not_healthy(
 
             async def answered() -> bool:
                 got = await _get(http, f"{base}/readyz")
-                return got is not None and got[1]["checks"]["recovered"]
+                return got is not None and got[1]["checks"]["s3"] is True
 
             await eventually(answered, 30, "/readyz after start-up")
             for _ in range(4):  # the camera's open is still waiting on the silent server
@@ -267,23 +267,32 @@ async def test_recovery_runs_off_the_loop_and_finishes_before_ready(
     finally:
         edge.kill()
         notify.close()
-    lag = {m.group(1): float(m.group(2)) for m in LAG_BUCKET.finditer(text)}
-    report_figures(
-        "recovery_off_loop",
-        {
-            "salvaged": recovered["salvaged"],
-            "healthz_answers_before_ready": len(waits),
-            "slowest_healthz_s": round(max(waits), 3),
-            "lag_samples": lag["+Inf"],
-            "lag_over_250ms": lag["+Inf"] - lag["0.25"],
-        },
-    )
+    figures = {
+        "salvaged": recovered["salvaged"],
+        "healthz_answers_before_ready": len(waits),
+        "slowest_healthz_s": round(max(waits), 3),
+    }
+    report_figures("recovery_off_loop", figures)
     assert recovered["salvaged"] == 12
     assert len(waits) >= 5  # recovery took long enough to be watched
     assert max(waits) < 1.0
-    assert lag["+Inf"] - lag["0.25"] == 0
+    lag = {m.group(1): float(m.group(2)) for m in LAG_BUCKET.finditer(text)}
+    assert lag["+Inf"] > 0 and lag["+Inf"] - lag["0.25"] == 0  # no stall of the loop
     messages = notify.texts()  # systemd's start timeout was extended while recovery ran
     assert messages[0].startswith("EXTEND_TIMEOUT_USEC=") and "READY=1" in messages[1:]
 
 
 LAG_BUCKET = re.compile(r'edge_agent_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)')
+
+
+@pytest.mark.parametrize("rules", sorted((ROOT / "configs" / "prometheus").glob("*.rules.yml")))
+def test_alert_rules_pass_promtool_check_rules(rules: Path) -> None:
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
