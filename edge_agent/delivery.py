@@ -81,7 +81,9 @@ class Delivery:
             await self._until_done(rec)
         finally:
             self.in_flight.discard(chunk_id)
-            self.spool.release(chunk_id)  # in memory only: no need for the ledger thread
+            # On the ledger thread too: the busy lock may be held there by an eviction
+            # waiting on a locked database, and the loop must never wait for that.
+            await self.ledger.call(self.spool.release, chunk_id)
 
     async def _until_done(self, rec: Record) -> None:
         """Upload, then announce; each retried with back-off until it is done."""

@@ -84,10 +84,15 @@ def partial_name(camera_id: str, wall_start: datetime) -> str:
 
 
 def parse_partial_name(name: str) -> tuple[str, datetime] | None:
+    """(camera, wall start) from a partial's name; None for a name we did not write (a
+    start time out of datetime's range included: it used to crash every start-up)."""
     parts = name.split("+")
-    if len(parts) != 3 or not parts[1].isdigit():
+    if len(parts) != 3 or not parts[1].isdigit() or len(parts[1]) > 18:
         return None
-    return parts[0], datetime.fromtimestamp(int(parts[1]) / 1_000_000, UTC)
+    try:
+        return parts[0], datetime.fromtimestamp(int(parts[1]) / 1_000_000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class _Writer:

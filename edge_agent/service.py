@@ -104,7 +104,7 @@ class EdgeService:
             ThreadPoolExecutor(self.settings.upload_concurrency + 4, thread_name_prefix="io")
         )
         async with AsyncExitStack() as stack:
-            stack.push_async_callback(self.ledger.close)
+            stack.push_async_callback(self._close_ledger)
             s3, redis = await self._clients(stack)
             await self._serve_http(stack, s3, redis)
             stack.push_async_callback(self.tasks.stop)  # first out: before the clients close
@@ -120,6 +120,10 @@ class EdgeService:
             systemd.notify("STOPPING=1")
             await self._drain()
         return 0
+
+    async def _close_ledger(self) -> None:
+        if not self.forced:  # forced: the process exits now; a write may be stuck on a lock
+            await self.ledger.close()
 
     async def _clients(self, stack: AsyncExitStack) -> tuple[Any, aioredis.Redis]:
         s3 = await open_s3(stack, self.settings.s3_endpoint_url, self.settings.s3_region)
@@ -166,6 +170,8 @@ class EdgeService:
             await asyncio.sleep(PROBE_S)
 
     def _account(self, found: Recovered) -> None:
+        for name, error in found.errors:
+            log.error("spool.salvage_failed", file=name, error=error, outcome="quarantined")
         for rec in found.lost:
             m = rec.manifest
             self.metrics.lost.labels(m.camera_id).inc()

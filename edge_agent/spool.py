@@ -133,6 +133,9 @@ class Recovered:
     orphaned: int = 0  # chunk files no row knows, quarantined
     lost: list[Record] = field(default_factory=list)  # written rows whose file is gone
     freed: Freed = field(default_factory=Freed)  # what salvaged chunks' commits evicted
+    # (file, error) of partials whose salvage failed in a way it does not expect: the file
+    # is quarantined all the same, so one hostile file cannot crash-loop the start-up.
+    errors: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -495,7 +498,7 @@ class Spool:
         manifest reports) rather than uploaded as if it were good.
         """
         out = Recovered()
-        partials = {p.name: p for p in self.tmp_dir.glob("*.partial")}
+        partials = {p.name: p for p in self.tmp_dir.glob("*.partial") if p.is_file()}
         for chunk_id in self.unfinished():
             rec = self.get(chunk_id)
             if rec is None or rec.state != WRITTEN or rec.path.exists():
@@ -508,17 +511,26 @@ class Spool:
             elif self._set_state(chunk_id, LOST, WRITTEN):
                 out.lost.append(rec)
         for path in sorted(partials.values()):
+            self._salvage(path, make_manifest, out)
+        self._sweep(out)
+        return out
+
+    def _salvage(self, path: Path, make_manifest: ManifestFactory, out: Recovered) -> None:
+        try:
             chunk = salvage(path)
-            if chunk is None:
-                self.quarantine(path)
-                out.quarantined += 1
-            else:
+            if chunk is not None:
                 _, freed = self.commit(chunk, make_manifest)
                 out.freed.evicted += freed.evicted
                 out.freed.pruned += freed.pruned
                 out.salvaged += 1
-        self._sweep(out)
-        return out
+                return
+        except sqlite3.Error:
+            raise  # the ledger's trouble, not the file's: recovery is retried
+        except Exception as exc:  # a file that breaks the salvage must not stop every start
+            out.errors.append((path.name, repr(exc)[:300]))
+        if path.exists():
+            self.quarantine(path)
+            out.quarantined += 1
 
     def _sweep(self, out: Recovered) -> None:
         """Chunk files whose row is finished are deleted (``mark_uploaded`` commits before

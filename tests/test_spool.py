@@ -349,3 +349,14 @@ def test_ledger_prune_keeps_rows_that_still_declare_a_gap(
     assert spool.prune(time.time() + 1) == 2
     assert spool.counts() == {}
     assert spool.position(spool._db(), "cam1").next_seq == 3  # timelines are never pruned
+
+
+def test_recovery_quarantines_a_partial_whose_name_it_cannot_read(tmp_path: Path) -> None:
+    """A start time beyond datetime's range in a partial's name used to raise out of
+    recovery, so the agent crashed at every start (a restart loop under systemd)."""
+    spool = Spool(tmp_path / "spool")
+    odd = spool.tmp_dir / "cam1+99999999999999999999+abcdef.mp4.partial"
+    odd.write_bytes(b"\x00" * 64)
+    found = spool.recover(factory)
+    assert (found.quarantined, found.errors) == (1, [])
+    assert [p.name for p in spool.quarantine_dir.iterdir()] == [odd.name]
