@@ -32,6 +32,7 @@ class TappedRequest:
     body_size: int = 0
     body_seen: int = 0
     finished: float | None = None  # when the last body byte passed
+    answered: float | None = None  # when the last byte of its answer passed back
     damaged_at: int | None = None  # body offset flipped in transit
     framing: str = "content-length"
 
@@ -58,6 +59,7 @@ class _Parser:
     tap: HttpTap
     head: bytearray = field(default_factory=bytearray)
     current: TappedRequest | None = None
+    last: TappedRequest | None = None  # answers on a connection come in request order
     left: int = 0  # body bytes still to come for ``current``
     opaque: bool = False  # unknown framing: stop parsing this connection
 
@@ -98,6 +100,7 @@ class _Parser:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         req = TappedRequest(method, target, headers, time.monotonic())
+        self.last = req
         with self.tap.lock:
             self.tap.requests.append(req)
         if "transfer-encoding" in headers:
@@ -165,6 +168,19 @@ class HttpTap:
         with self.lock:
             return sum(n for t, n in self.sent if start <= t < end)
 
+    @staticmethod
+    def most_in_flight(chosen: list[TappedRequest]) -> int:
+        """The most of ``chosen`` that were in flight at once (request started, answer not
+        yet fully back)."""
+        events = []
+        for r in chosen:
+            events += [(r.started, 1), (r.answered or r.started, -1)]
+        most = now = 0
+        for _, step in sorted(events):  # at a tie an end (-1) sorts before a start
+            now += step
+            most = max(most, now)
+        return most
+
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
@@ -198,9 +214,15 @@ class HttpTap:
             writer.close()
             return
         parser = _Parser(self)
+
+        def answer(data: bytes) -> bytes:
+            if parser.last is not None:  # the bytes back belong to the latest request
+                parser.last.answered = time.monotonic()
+            return data
+
         await asyncio.gather(
             self._pipe(reader, up_writer, parser.feed, outbound=True),
-            self._pipe(up_reader, writer, lambda b: b, outbound=False),
+            self._pipe(up_reader, writer, answer, outbound=False),
             return_exceptions=True,
         )
 
