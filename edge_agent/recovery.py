@@ -23,7 +23,8 @@ from typing import Any
 
 import av
 
-from edge_agent.segmenter import ClosedChunk, fsync_and_hash, parse_partial_name
+from edge_agent.durable import fsync_and_hash
+from edge_agent.segmenter import ClosedChunk, parse_partial_name
 
 MAX_SIDE = 16384  # the largest width or height a manifest may declare
 MAX_CHUNK_S = 3600.0  # chunks last EDGE_SEGMENT_SECONDS (<= 600) plus a GOP: more is broken
@@ -142,7 +143,7 @@ def _usable_prefix(path: Path, fragments: list[tuple[int, int]]) -> tuple[int, _
                 at = _fragment_of(pos, fragments)
                 if at is not None and at != current:
                     good, current = replace(facts), at  # the fragments before this one are good
-                if at is None or at < current or not _take(facts, pkt, ctx, size):
+                if at is None or at < current or not _decode_and_count(facts, pkt, ctx, size):
                     return fragments[current][0], _described(good)
             if any((f.width, f.height) != size for f in ctx.decode(None)):
                 return fragments[current][0], _described(good)
@@ -158,7 +159,7 @@ def _fragment_of(pos: int, fragments: list[tuple[int, int]]) -> int | None:
     return None
 
 
-def _take(facts: _Facts, pkt: Any, ctx: Any, size: tuple[int, int]) -> bool:
+def _decode_and_count(facts: _Facts, pkt: Any, ctx: Any, size: tuple[int, int]) -> bool:
     """Check, decode and count one packet; False if it is not good."""
     if pkt.is_corrupt or pkt.dts is None:
         return False

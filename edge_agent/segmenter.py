@@ -8,8 +8,6 @@ fsync'd; the spool then gives the file its final name.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from typing import Any
 import av
 
 from edge_agent.capture import CameraError
+from edge_agent.durable import fsync_and_hash
 from edge_agent.params import HEAD_BYTES, dimensions, parameter_sets
 
 FMP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
@@ -45,25 +44,6 @@ class ClosedChunk:
     wall_end: datetime
     session_start: bool  # first chunk since the camera (re)connected
     clock_drift_s: float = 0.0  # wall time minus media time elapsed since the connection began
-
-
-def fsync_and_hash(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb+") as fh:
-        os.fsync(fh.fileno())
-        fh.seek(0)
-        while block := fh.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ParameterChangeError(ValueError):

@@ -29,8 +29,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from edge_agent.durable import fsync_and_hash, fsync_dir
 from edge_agent.recovery import salvage
-from edge_agent.segmenter import ClosedChunk, fsync_and_hash, fsync_dir
+from edge_agent.segmenter import ClosedChunk
 from shared.manifest import Manifest
 
 WRITTEN, UPLOADED, ANNOUNCED = "written", "uploaded", "announced"
