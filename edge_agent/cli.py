@@ -16,15 +16,11 @@ from edge_agent.capture import CameraError, Source
 from edge_agent.config import EdgeSettings
 from shared import logs
 from shared.s3 import open_s3
-from shared.settings import EX_CONFIG, ConfigError, load, redacted, secret_values
+from shared.settings import EX_CONFIG, load_or_exit, redacted, secret_values
 
 
 def _settings() -> EdgeSettings:
-    try:
-        return load(EdgeSettings)
-    except ConfigError as exc:
-        print(f"edge-agent: invalid configuration: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
+    return load_or_exit(EdgeSettings, "edge-agent")
 
 
 def _run() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -34,6 +35,16 @@ def load(cls: type[S]) -> S:
         name = f"{prefix}{match.group(1)}".upper() if match else prefix + "*"
         cause = f": {exc.__cause__}" if exc.__cause__ else ""
         raise ConfigError(f"{name}: could not parse value (expected JSON){cause}") from None
+
+
+def load_or_exit(cls: type[S], prog: str) -> S:
+    """``load`` for an entry point: on invalid configuration, say which variable is wrong
+    and exit 78 (EX_CONFIG), which systemd's RestartPreventExitStatus=78 does not retry."""
+    try:
+        return load(cls)
+    except ConfigError as exc:
+        print(f"{prog}: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
 
 
 def _describe_validation(exc: ValidationError, prefix: str) -> str:
