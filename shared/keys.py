@@ -94,3 +94,14 @@ def handoff_stream(stream: str) -> str:
 def dlq_stream(stream: str) -> str:
     """Dead letters of ``stream`` (contract name)."""
     return f"{stream}:dlq"
+
+
+def consumer_totals_key(group: str, consumer: str) -> str:
+    """A consumer's running totals (hash: ``count:<outcome>``, ``seconds:<stage>``), kept
+    in Redis so the exported counters survive actor restarts and kills."""
+    return f"ingest:totals:{group}:{consumer}"
+
+
+def consumers_key(group: str) -> str:
+    """The consumers of ``group`` that ever kept totals (a set), for the metrics observer."""
+    return f"ingest:consumers:{group}"

@@ -4,12 +4,17 @@ Producer side: ``publish`` (XADD, no trimming: only acknowledged entries may go)
 Consumer side: batched XREADGROUP, own-pending first, an XAUTOCLAIM reaper with
 delivery counts, lease renewal (XCLAIM JUSTID resets idle time without counting
 a delivery), and ack/dead-letter that also delete the entry so memory stays bounded.
+
+XACK and XCLAIM do not check who owns an entry. Every consumer-side write that must
+only touch this consumer's own entries (renew, release, ack, dead-letter) is a Lua
+script that looks the owner up with XPENDING first: an entry the reaper handed to
+another consumer is never taken back, acknowledged or dead-lettered under it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +24,86 @@ from redis.exceptions import ResponseError
 from shared.keys import dlq_stream
 
 Fields = dict[bytes, bytes]
+
+# A dead letter keeps the entry's own fields (for requeue), up to this many.
+MAX_LETTER_FIELDS = 64
+# Released entries look idle this long (ms), so any consumer's reaper takes them at once.
+RELEASE_IDLE_MS = 10 * 365 * 86400 * 1000
+
+# The owner of pending entry ``id`` is ARGV[2] (``me``)?
+_OWNED = """
+local function owned(id)
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)[1]
+  return row ~= nil and row[2] == ARGV[2]
+end
+"""
+# ARGV: group, me, lock ttl ms, n, n entry ids, then one holder per lock key (KEYS[2..]).
+# Resets the idle time of the entries we still own; renews each lock only while it still
+# holds our value ("{entry id}/{consumer}"). Returns the ids that are no longer ours.
+RENEW_SCRIPT = (
+    _OWNED
+    + """
+local n, lost, gone = tonumber(ARGV[4]), {}, {}
+for i = 1, n do
+  local id = ARGV[4 + i]
+  if owned(id) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  else
+    lost[#lost + 1] = id
+    gone[id] = true
+  end
+end
+for j = 2, #KEYS do
+  local holder = ARGV[3 + n + j]
+  if not gone[string.match(holder, '^[^/]+')] and redis.call('GET', KEYS[j]) == holder then
+    redis.call('PEXPIRE', KEYS[j], ARGV[3])
+  end
+end
+return lost
+"""
+)
+# ARGV: group, me, idle ms, then (id, retry count) pairs: hand our entries back as if
+# their lease had run out long ago, with the delivery count they had before this attempt.
+RELEASE_SCRIPT = (
+    _OWNED
+    + """
+local released = 0
+for i = 4, #ARGV, 2 do
+  if owned(ARGV[i]) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i],
+               'IDLE', ARGV[3], 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+"""
+)
+# ARGV: group, me, ids. Acknowledge and delete the ones we own.
+ACK_SCRIPT = (
+    _OWNED
+    + """
+local acked = 0
+for i = 3, #ARGV do
+  if owned(ARGV[i]) then
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    acked = acked + 1
+  end
+end
+return acked
+"""
+)
+# KEYS: stream, dlq. ARGV: group, me, id, then the letter's field/value pairs.
+DEAD_LETTER_SCRIPT = (
+    _OWNED
+    + """
+if not owned(ARGV[3]) then return 0 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,23 +189,60 @@ class GroupConsumer:
             out.append(Entry(e.id, e.fields, n))
         return out
 
-    async def renew(self, ids: Sequence[bytes]) -> None:
-        """Reset idle time of entries we still work on, so the reaper leaves them alone."""
-        if ids:
-            await self.client.xclaim(self.stream, self.group, self.name, 0, list(ids), justid=True)
-
-    async def ack(self, ids: Sequence[bytes]) -> None:
-        """Acknowledge and delete in one round trip: XACK alone never frees memory."""
+    async def renew(
+        self, ids: Sequence[bytes], locks: Mapping[str, str] | None = None, lock_ttl_ms: int = 0
+    ) -> list[bytes]:
+        """Reset the idle time of the entries we still own, so the reaper leaves them alone,
+        and renew the chunk ``locks`` (key -> our holder value) they hold. Returns the ids
+        that are no longer ours (the reaper gave them to another consumer, or they are gone)."""
         if not ids:
-            return
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, self.group, *ids)
-            pipe.xdel(self.stream, *ids)
-            await pipe.execute()
+            return []
+        locks = locks or {}
+        lost: Any = await self.client.eval(
+            RENEW_SCRIPT,
+            1 + len(locks),
+            self.stream,
+            *locks.keys(),
+            self.group,
+            self.name,
+            str(lock_ttl_ms),
+            str(len(ids)),
+            *ids,
+            *locks.values(),
+        )
+        return [bytes(x) for x in lost]
 
-    async def dead_letter(self, entry: Entry, reason: str, detail: str) -> None:
-        """Move an entry to ``{stream}:dlq`` with its reason, atomically with the ack."""
-        letter: dict[bytes, bytes] = dict(entry.fields)
+    async def release(self, entries: Sequence[Entry]) -> int:
+        """Give entries back without counting this attempt as a delivery: they look idle for
+        years (any reaper takes them at once) and keep their previous delivery count."""
+        if not entries:
+            return 0
+        pairs = [x for e in entries for x in (e.id, str(max(0, e.deliveries - 1)).encode())]
+        released: Any = await self.client.eval(
+            RELEASE_SCRIPT, 1, self.stream, self.group, self.name, str(RELEASE_IDLE_MS), *pairs
+        )
+        return int(released)
+
+    async def ack(self, ids: Sequence[bytes], *, also: Callable[[Any], None] | None = None) -> int:
+        """Acknowledge and delete in one round trip (XACK alone never frees memory), only
+        the entries we own. ``also`` queues more commands in the same MULTI/EXEC: applied
+        together with the acknowledgements or not at all. Returns how many were ours."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            if ids:
+                pipe.eval(ACK_SCRIPT, 1, self.stream, self.group, self.name, *ids)
+            if also is not None:
+                also(pipe)
+            if not pipe.command_stack:
+                return 0
+            replies = await pipe.execute()
+        return int(replies[0]) if ids else 0
+
+    async def dead_letter(self, entry: Entry, reason: str, detail: str) -> bool:
+        """Move an entry to ``{stream}:dlq`` with its reason, atomically with the ack. False
+        when the entry is no longer ours (its new owner decides what becomes of it)."""
+        letter: dict[bytes, bytes] = dict(list(entry.fields.items())[:MAX_LETTER_FIELDS])
+        if len(entry.fields) > MAX_LETTER_FIELDS:
+            letter[b"truncated_fields"] = str(len(entry.fields) - MAX_LETTER_FIELDS).encode()
         letter.update(
             {
                 b"reason": reason.encode(),
@@ -131,11 +253,11 @@ class GroupConsumer:
                 b"dead_at": str(time.time()).encode(),
             }
         )
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dlq, letter)  # type: ignore[arg-type]
-            pipe.xack(self.stream, self.group, entry.id)
-            pipe.xdel(self.stream, entry.id)
-            await pipe.execute()
+        pairs = [x for item in letter.items() for x in item]
+        moved: Any = await self.client.eval(
+            DEAD_LETTER_SCRIPT, 2, self.stream, self.dlq, self.group, self.name, entry.id, *pairs
+        )
+        return bool(moved)
 
 
 @dataclass(frozen=True, slots=True)
