@@ -8,8 +8,9 @@ camera's earlier chunks), so that preprocessing runs on all of them.
 
 What runs, each time in a spawned process (or Ray actor) warmed up first:
 
-- **ours**: per chunk ``analyse()`` (container and manifest checks, demux, keyframe decode,
-  scores), ``verdict()``, then ``frames_to_shard()`` (full decode, 2 frames/s sampled,
+- **ours**: per chunk ``media_work()``, what a consumer's media worker runs: ``analyse()``
+  (container and manifest checks, demux, keyframe decode, scores), ``verdict()``, then
+  ``frames_to_shard()`` (full decode, 2 frames/s sampled,
   resized to a 256 short side, JPEG, Parquet): ``IngestSettings``' default thresholds and
   options, one chunk at a time. No S3 or Redis: the media work alone.
 - **baseline**: the same chunks in a plain loop: PyAV decodes every frame and ``reformat``s
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -47,7 +47,7 @@ import av
 from bench.common import CLK_TCK, ROOT, Context, Figure, clip_1080p, median
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.filters import Thresholds, analyse, verdict
-from cloud_ingest.preprocess import Options, _size, frames_to_shard
+from cloud_ingest.preprocess import Options, _size, media_work
 from shared.keys import chunk_key
 from shared.manifest import Manifest, derive_chunk_id
 
@@ -99,13 +99,11 @@ def _timed(chunks: Sequence[Chunk], one: Callable[[Chunk, bytes], int]) -> Pass:
 
 def ours(chunks: Sequence[Chunk], limits: Thresholds, options: Options) -> Pass:
     def one(chunk: Chunk, data: bytes) -> int:
-        result = analyse(data, chunk.manifest, limits)
-        result.reason = verdict(result, limits, list(chunk.recent))
-        if result.reason is not None:  # setup guarantees this never happens
-            raise RuntimeError(f"chunk {chunk.manifest.seq} rejected: {result.reason}")
-        scores = json.dumps(result.scores, sort_keys=True)  # as the processor does
-        _, rows = frames_to_shard(data, chunk.manifest, options, scores)
-        assert rows > 0
+        # What a consumer's media worker runs per chunk (cloud_ingest.media_pool).
+        result = media_work(data, chunk.manifest, limits, list(chunk.recent), options)
+        if result.analysis.reason is not None:  # setup guarantees this never happens
+            raise RuntimeError(f"chunk {chunk.manifest.seq} rejected: {result.analysis.reason}")
+        assert result.frames > 0
         return chunk.manifest.frame_count  # preprocess decoded every frame
 
     return _timed(chunks, one)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import struct
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -79,7 +80,10 @@ class Analysis:
     packets: int
     keyframes: int
     keyframes_decoded: int
-    scores: dict[str, float] = field(default_factory=dict)
+    # None for a score the chunk cannot give (motion needs two keyframes), with the why in
+    # score_notes: outputs are strict JSON, never NaN.
+    scores: dict[str, float | None] = field(default_factory=dict)
+    score_notes: dict[str, str] = field(default_factory=dict)
     dhash: str = ""
     reason: str | None = None  # None: accepted
 
@@ -326,7 +330,8 @@ def check_frame(frame: Any, manifest: Manifest) -> None:
 
 
 def _gray(frame: Any) -> np.ndarray:
-    height = max(2, round(frame.height * GRAY_WIDTH / max(1, frame.width)))
+    # At least 3 rows, so the Laplacian has one (a 16384x2 frame would otherwise give none).
+    height = max(3, round(frame.height * GRAY_WIDTH / max(1, frame.width)))
     small = frame.reformat(width=GRAY_WIDTH, height=height, format="gray")
     return np.asarray(small.to_ndarray(), dtype=np.float32)
 
@@ -345,12 +350,16 @@ def _check_integrity(result: Analysis, manifest: Manifest) -> None:
 def _score(result: Analysis, grays: list[np.ndarray]) -> None:
     luma = float(np.mean([g.mean() for g in grays]))
     blur = float(np.median([_laplacian_var(g) for g in grays]))
-    motion = (
-        float(np.mean([np.abs(a - b).mean() for a, b in itertools.pairwise(grays)]))
-        if len(grays) > 1
-        else float("nan")
-    )
-    result.scores = {"luma": round(luma, 3), "blur_var": round(blur, 3), "motion": round(motion, 3)}
+    motion = None
+    if len(grays) > 1:
+        motion = float(np.mean([np.abs(a - b).mean() for a, b in itertools.pairwise(grays)]))
+    else:
+        result.score_notes["motion"] = "one keyframe decoded: no motion between keyframes"
+    for name, value in (("luma", luma), ("blur_var", blur), ("motion", motion)):
+        if value is not None and not math.isfinite(value):
+            result.score_notes[name] = f"not a finite number ({value})"
+            value = None
+        result.scores[name] = None if value is None else round(value, 3)
     picks = sorted({0, len(grays) // 2, len(grays) - 1})
     result.dhash = "|".join(_dhash(grays[i]) for i in picks)
 
@@ -386,13 +395,14 @@ def distance(a: str, b: str) -> int | None:
 def verdict(result: Analysis, limits: Thresholds, recent: list[str]) -> str | None:
     """The first content reason to reject, or None. Order: cheapest evidence first."""
     s = result.scores
-    if s["luma"] < limits.dark_luma:
+    luma, blur, motion = s.get("luma"), s.get("blur_var"), s.get("motion")
+    if luma is not None and luma < limits.dark_luma:
         return "dark"
-    if s["luma"] > limits.bright_luma:
+    if luma is not None and luma > limits.bright_luma:
         return "overexposed"
-    if s["blur_var"] < limits.blur_var:
+    if blur is not None and blur < limits.blur_var:
         return "blurred"
-    if not np.isnan(s["motion"]) and s["motion"] < limits.static_motion:
+    if motion is not None and motion < limits.static_motion:  # None: one keyframe, unknown
         return "static"
     distances = [d for other in recent if (d := distance(result.dhash, other)) is not None]
     if distances:
