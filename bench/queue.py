@@ -8,10 +8,10 @@ actors: Ray's start-up would eat the time budget): ``cloud_ingest.consumer.Consu
 own drain loop (``_drain_loop``/``_step``/``_fetch``/``_one``/``_flush_acks``) with
 default ``IngestSettings`` (batch 8, the reaper, one log line per entry at INFO, into
 a file) over a real ``GroupConsumer``. Processing is a ``ChunkProcessor`` whose
-``process`` keeps only the checks without I/O: ``verify_fields`` against the keyring
+``process`` keeps only the checks without I/O: ``verify_entry`` against the keyring
 (size, HMAC over the raw bytes, parse, canonical form, key binding, chunk id), then
 bucket/key location and clock. Entries are acknowledged as the actor does
-(``XACK`` + ``XDEL`` in one MULTI per batch).
+(``XACK`` + ``XDEL`` of the entries it still owns, one Lua script per batch).
 
 **arq** 0.28 at its defaults (``max_jobs=10``, ``poll_delay=0.5``, results kept 1 h):
 a producer enqueues ``noop`` jobs carrying the same signed manifest fields from 16
@@ -166,8 +166,9 @@ async def consume(
 
     from cloud_ingest.config import IngestSettings
     from cloud_ingest.consumer import Consumer
+    from cloud_ingest.failures import EnvProbe
     from cloud_ingest.processor import ChunkProcessor, Outcome
-    from shared.manifest import verify_fields
+    from shared.manifest import verify_entry
     from shared.queue import Entry, GroupConsumer
 
     class TimedQueue(GroupConsumer):
@@ -175,20 +176,21 @@ async def consume(
 
         acked, first_ack, last_ack = 0, 0.0, 0.0
 
-        async def ack(self, ids: Any) -> None:
-            await super().ack(ids)
-            if ids:
+        async def ack(self, ids: Any) -> int:
+            acked = await super().ack(ids)
+            if acked:
                 self.last_ack = time.time()
                 self.first_ack = self.first_ack or self.last_ack
-                self.acked += len(ids)
+                self.acked += acked
+            return acked
 
     class NoopProcessor(ChunkProcessor):
         """``process`` without I/O: verification and the no-I/O checks, no media work."""
 
-        async def process(self, entry: Entry) -> Outcome:
-            signed = verify_fields(entry.fields, self.keyring)
+        async def process(self, entry: Entry, slot: Any) -> Outcome:
+            signed, replayed_at = verify_entry(entry.fields, self.keyring)
             self._check_location(signed.manifest)
-            self._check_clock(signed.manifest)
+            self._check_clock(signed.manifest, replayed_at)
             return Outcome("processed", signed.manifest)
 
     settings = IngestSettings(
@@ -203,14 +205,15 @@ async def consume(
     consumer = Consumer(settings, name)
     client = aioredis.from_url(redis_url)  # as Consumer.run connects
     queue = TimedQueue(client, stream, GROUP, name)
-    processor = NoopProcessor(settings, None, client, name)
+    processor = NoopProcessor(settings, None, client, name, consumer.pool)
+    probe = EnvProbe(None, client, [], consumer.pool)  # never needed: nothing fails
     await client.ping()
     await released(result)
     cpu0 = time.process_time()
     watcher = asyncio.create_task(
         until_done(client, done_key, int(total), lambda: queue.acked, consumer.stop)
     )
-    await consumer._drain_loop(queue, processor)  # the actor's loop, verbatim
+    await consumer._drain_loop(queue, processor, probe)  # the actor's loop, verbatim
     await consumer._finish(queue)
     cpu = time.process_time() - cpu0
     watcher.cancel()

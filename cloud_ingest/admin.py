@@ -4,26 +4,56 @@
 signed manifest beside it (``{key}.manifest.json``); any chunk whose done record
 is missing is announced again, verbatim, so it is verified like any other entry.
 Re-enqueueing something already queued is harmless: processing is idempotent.
+The listing is streamed page by page and the per-chunk work (sidecar GET, record
+HEAD, XADD) runs at most ``concurrency`` at a time, so memory does not grow with
+the bucket.
+
+Replayed entries (reconcile, requeue) carry a replay tag minted with the manifest's
+own key (``shared.manifest.tag_replay``): the consumer accepts it in place of the
+start-time age check, so footage of any age can be replayed. The age check is there
+against replays by someone who can XADD but holds no signing key; such a party
+cannot mint the tag, and a holder of a device key could sign fresh manifests anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from cloud_ingest.objects import SizeError, get_bounded
 from shared.keys import MANIFEST_SUFFIX, dlq_stream, record_key
-from shared.manifest import Rejected, parse_manifest
+from shared.manifest import (
+    MAX_MANIFEST_BYTES,
+    REPLAY_SIG,
+    Keyring,
+    Rejected,
+    parse_manifest,
+    tag_replay,
+)
 from shared.queue import publish
 from shared.s3 import object_exists
 
 # Fields the consumer adds to a dead letter; everything else is the original entry.
-LETTER_FIELDS = {b"reason", b"detail", b"source_id", b"deliveries", b"consumer", b"dead_at"}
+LETTER_FIELDS = {
+    b"reason",
+    b"detail",
+    b"source_id",
+    b"deliveries",
+    b"consumer",
+    b"dead_at",
+    b"truncated_fields",
+}
+# A sidecar holds one manifest (at most MAX_MANIFEST_BYTES, JSON-escaped once more) and
+# its signature: anything much bigger is not one, and is never read whole.
+MAX_SIDECAR_BYTES = 4 * MAX_MANIFEST_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +99,15 @@ def select(items: Iterable[Letter], ids: set[str], reason: str | None) -> list[L
     return [x for x in items if (not ids or x.id in ids) and (reason is None or x.reason == reason)]
 
 
-async def requeue(client: aioredis.Redis, stream: str, chosen: list[Letter]) -> int:
-    """Put dead letters back on the stream as they were first sent, atomically per letter."""
+async def requeue(
+    client: aioredis.Redis, stream: str, chosen: list[Letter], keyring: Keyring
+) -> int:
+    """Put dead letters back on the stream as they were first sent, with a fresh replay tag,
+    atomically per letter."""
     for letter in chosen:
+        fields = tag_replay(letter.original, keyring, time.time())
         async with client.pipeline(transaction=True) as pipe:
-            pipe.xadd(stream, letter.original)  # type: ignore[arg-type]
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]
             pipe.xdel(dlq_stream(stream), letter.id)
             await pipe.execute()
     return len(chosen)
@@ -92,72 +126,114 @@ class ReconcileReport:
     requeued: int = 0
     without_manifest: int = 0
     unreadable_manifest: int = 0
+    unknown_key: int = 0  # signed with a key no longer in the keyring: cannot be replayed
     out_of_range: int = 0
-    requeued_ids: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__ if k != "requeued_ids"}
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class Reconcile:
+    s3: Any
+    client: aioredis.Redis
+    keyring: Keyring
+    raw_bucket: str
+    output_bucket: str
+    output_prefix: str
+    stream: str
+    since: datetime | None = None
+    until: datetime | None = None
+    dry_run: bool = False
 
 
 async def reconcile(
-    s3: Any,
-    client: aioredis.Redis,
-    *,
-    raw_bucket: str,
-    prefix: str,
-    output_bucket: str,
-    output_prefix: str,
-    stream: str,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    dry_run: bool = False,
+    job: Reconcile, prefix: str, *, page_size: int = 1000, concurrency: int = 16
 ) -> ReconcileReport:
+    """Re-announce every raw chunk under ``prefix`` that has a sidecar and no done record."""
     report = ReconcileReport()
-    keys = await _list(s3, raw_bucket, prefix)
-    chunks = [k for k in keys if k.endswith(".mp4")]
-    sidecars = {k[: -len(MANIFEST_SUFFIX)] for k in keys if k.endswith(MANIFEST_SUFFIX)}
-    report.chunks = len(chunks)
-    for key in chunks:
-        if key not in sidecars:
-            report.without_manifest += 1  # never announced: the edge still owns it
-            continue
-        fields = await _sidecar(s3, raw_bucket, key)
-        if fields is None:
-            report.unreadable_manifest += 1
-            continue
-        m = parse_manifest(fields[b"manifest"])
-        if (since and m.start_time < since) or (until and m.start_time >= until):
-            report.out_of_range += 1
-            continue
-        if await object_exists(s3, output_bucket, record_key(output_prefix, m)):
-            report.done += 1
-            continue
-        if not dry_run:
-            await publish(client, stream, {k.decode(): v for k, v in fields.items()})
-        report.requeued += 1
-        report.requeued_ids.append(m.chunk_id)
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(key: str) -> None:
+        try:
+            await _reconcile_chunk(job, key, report)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as group:
+        async for key, has_sidecar in _paired(_keys(job.s3, job.raw_bucket, prefix, page_size)):
+            report.chunks += 1
+            if not has_sidecar:
+                report.without_manifest += 1  # never announced: the edge still owns it
+                continue
+            await slots.acquire()  # the listing waits while `concurrency` chunks are at work
+            group.create_task(one(key))
     return report
 
 
-async def _list(s3: Any, bucket: str, prefix: str) -> list[str]:
-    keys: list[str] = []
+async def _reconcile_chunk(job: Reconcile, key: str, report: ReconcileReport) -> None:
+    fields = await _sidecar(job.s3, job.raw_bucket, key)
+    if fields is None:
+        report.unreadable_manifest += 1
+        return
+    m = parse_manifest(fields[b"manifest"])
+    if (job.since and m.start_time < job.since) or (job.until and m.start_time >= job.until):
+        report.out_of_range += 1
+        return
+    if await object_exists(job.s3, job.output_bucket, record_key(job.output_prefix, m)):
+        report.done += 1
+        return
+    tagged = tag_replay(fields, job.keyring, time.time())
+    if REPLAY_SIG not in tagged:
+        report.unknown_key += 1
+        return
+    if not job.dry_run:
+        await publish(job.client, job.stream, {k.decode(): v for k, v in tagged.items()})
+    report.requeued += 1
+
+
+async def _keys(s3: Any, bucket: str, prefix: str, page_size: int) -> AsyncIterator[str]:
     paginator = s3.get_paginator("list_objects_v2")
-    async for page in paginator.paginate(
-        Bucket=bucket, Prefix=prefix.strip("/") + "/" if prefix else ""
-    ):
-        keys.extend(o["Key"] for o in page.get("Contents", []))
-    return keys
+    pages = paginator.paginate(
+        Bucket=bucket,
+        Prefix=prefix.strip("/") + "/" if prefix else "",
+        PaginationConfig={"PageSize": page_size},
+    )
+    async for page in pages:
+        for item in page.get("Contents", []):
+            yield item["Key"]
+
+
+async def _paired(keys: AsyncIterator[str]) -> AsyncIterator[tuple[str, bool]]:
+    """(chunk key, whether its sidecar exists), from a sorted listing: a sidecar sorts right
+    after its chunk, possibly on the next page, so only chunks whose sidecar could still
+    come are held."""
+    waiting: dict[str, None] = {}
+    async for key in keys:
+        chunk = key.removesuffix(MANIFEST_SUFFIX)
+        if chunk != key and chunk in waiting:
+            del waiting[chunk]
+            yield chunk, True
+            continue
+        for passed in [c for c in waiting if c + MANIFEST_SUFFIX < key]:
+            del waiting[passed]
+            yield passed, False
+        if key.endswith(".mp4"):
+            waiting[key] = None
+    for chunk in waiting:
+        yield chunk, False
 
 
 async def _sidecar(s3: Any, bucket: str, key: str) -> dict[bytes, bytes] | None:
-    resp = await s3.get_object(Bucket=bucket, Key=key + MANIFEST_SUFFIX)
-    async with resp["Body"] as body:
-        raw = await body.read()
+    try:
+        raw = await get_bounded(s3, bucket, key + MANIFEST_SUFFIX, MAX_SIDECAR_BYTES)
+    except SizeError:
+        return None
     try:
         doc = json.loads(raw)
         fields = {k.encode(): str(doc[k]).encode() for k in ("manifest", "key_id", "sig")}
         parse_manifest(fields[b"manifest"])
-    except (ValueError, KeyError, Rejected):
+    except (ValueError, KeyError, TypeError, Rejected):
         return None
     return fields
 

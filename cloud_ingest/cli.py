@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -16,18 +17,17 @@ from cloud_ingest.config import IngestSettings
 from shared import logs
 from shared.queue import status
 from shared.s3 import open_s3
-from shared.settings import EX_CONFIG, ConfigError, load, secret_values
+from shared.settings import EX_CONFIG, load_or_exit, secret_values
 
 
 def _settings() -> IngestSettings:
-    try:
-        return load(IngestSettings)
-    except ConfigError as exc:
-        print(f"cloud-ingest: invalid configuration: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
+    return load_or_exit(IngestSettings, "cloud-ingest")
 
 
 def _run() -> int:
+    # Read when ray is first imported: set before, or Ray folds the per-chunk log lines
+    # ("repeated 11x across cluster") that must each reach the log.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from cloud_ingest.supervisor import run
 
     settings = _settings()
@@ -65,7 +65,7 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
         "rates": rates,
     }
     if as_json:
-        print(json.dumps(doc))
+        print(json.dumps(doc, allow_nan=False))
         return 0
     print(f"stream {settings.stream}  group {settings.group}")
     print(f"  length {st.length}  pending {st.pending}  lag {st.lag}  dlq {st.dlq}")
@@ -86,7 +86,7 @@ async def _dlq(settings: IngestSettings, args: argparse.Namespace) -> int:
         )
         if args.action == "list":
             for letter in found:
-                print(json.dumps(letter.summary()))
+                print(json.dumps(letter.summary(), allow_nan=False))
             print(
                 json.dumps({"dead_letters": len(found), "by_reason": admin.reasons(found)}),
                 file=sys.stderr,
@@ -98,7 +98,9 @@ async def _dlq(settings: IngestSettings, args: argparse.Namespace) -> int:
             )
             return 2
         if args.action == "requeue":
-            print(json.dumps({"requeued": await admin.requeue(client, settings.stream, found)}))
+            keyring = settings.signing_keys()
+            requeued = await admin.requeue(client, settings.stream, found, keyring)
+            print(json.dumps({"requeued": requeued}))
         else:
             print(json.dumps({"purged": await admin.purge(client, settings.stream, found)}))
         return 0
@@ -114,11 +116,11 @@ async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
     try:
         async with AsyncExitStack() as stack:
             s3 = await open_s3(stack, settings.s3_endpoint_url, settings.s3_region)
-            report = await admin.reconcile(
+            job = admin.Reconcile(
                 s3,
                 client,
+                keyring=settings.signing_keys(),
                 raw_bucket=settings.raw_bucket,
-                prefix=args.prefix if args.prefix is not None else settings.raw_prefix,
                 output_bucket=settings.output_bucket,
                 output_prefix=settings.output_prefix,
                 stream=settings.stream,
@@ -126,10 +128,21 @@ async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
                 until=args.until,
                 dry_run=args.dry_run,
             )
+            prefix = args.prefix if args.prefix is not None else settings.raw_prefix
+            report = await admin.reconcile(
+                job, prefix, page_size=args.page_size, concurrency=args.concurrency
+            )
     finally:
         await client.aclose()
-    print(json.dumps(report.as_dict()))
+    print(json.dumps(report.as_dict(), allow_nan=False))
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
 
 
 def _when(text: str) -> datetime:
@@ -162,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--since", type=_when, help="chunks starting at or after (ISO 8601, UTC)")
     rec.add_argument("--until", type=_when, help="chunks starting before (ISO 8601, UTC)")
     rec.add_argument("--dry-run", action="store_true", help="report only")
+    rec.add_argument("--page-size", type=_positive, default=1000, help="keys per listing page")
+    rec.add_argument(
+        "--concurrency", type=_positive, default=16, help="chunks looked up / requeued at once"
+    )
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run()

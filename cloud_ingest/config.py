@@ -66,8 +66,12 @@ class IngestSettings(BaseSettings):
     actor_cpus: float = Field(default=1.0, ge=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
     max_chunk_bytes: int = Field(default=512 * 1024**2, gt=0)
-    # Decode/filter/preprocess of one chunk past this is a failed attempt (retried, then DLQ).
+    # A chunk's media work (decode, filters, preprocess) past this is a failed attempt: its
+    # worker process is killed and replaced; after the last attempt, DLQ `process_timeout`.
     process_timeout_s: float = Field(default=300.0, gt=0)
+    # The per-chunk lock lives max(this, 2 x INGEST_VISIBILITY_TIMEOUT_S) unless renewed
+    # (with the lease, while the work goes on): how long a crashed holder blocks a copy.
+    lock_ttl_min_s: float = Field(default=60.0, gt=0)
     # A manifest whose chunk ends more than this in the future, or started longer ago than
     # INGEST_MAX_MANIFEST_AGE_S, is refused as a replay (raise the age to re-ingest archives).
     max_clock_skew_s: float = Field(default=300.0, ge=0)
@@ -145,6 +149,9 @@ class IngestSettings(BaseSettings):
             max_pixels=self.max_pixels,
             max_fps=self.max_fps,
         )
+
+    def lock_ttl_ms(self) -> int:
+        return int(max(self.lock_ttl_min_s, 2 * self.visibility_timeout_s) * 1000)
 
     def preprocess(self) -> Options:
         return Options(self.sample_fps, self.resize_short_side, self.jpeg_quality)

@@ -25,6 +25,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from cloud_ingest.config import IngestSettings
+from cloud_ingest.totals import Tally
 from shared.keys import (
     ACTIVE_JOBS,
     JOBS,
@@ -37,6 +38,12 @@ from shared.manifest import Manifest
 from shared.queue import Entry, GroupConsumer, ReapCursor, ensure_group, publish
 
 HANDOFF_GROUP = "handoff"
+# KEYS: the open-window index, the windows stream. ARGV: window key, its document.
+CLOSE_SCRIPT = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'window', ARGV[2])
+return 1
+"""
 
 
 class SinkBusy(Exception):
@@ -94,13 +101,18 @@ async def close_expired(client: aioredis.Redis, settings: IngestSettings) -> int
 
 
 async def close(client: aioredis.Redis, settings: IngestSettings, key: str, why: str) -> bool:
-    """Close a window once: whoever removes it from the open index hands it off."""
-    if not await client.zrem(OPEN_WINDOWS, key):
-        return False
+    """Close a window once: whoever removes it from the open index hands it off, in the same
+    script (a consumer dying between the two would otherwise lose the window)."""
     fields: Any = await client.hgetall(key)
+    if not fields:
+        await client.zrem(OPEN_WINDOWS, key)  # expired or never written: nothing to hand off
+        return False
     doc = _window_doc(fields, settings, why)
-    await publish(client, handoff_stream(settings.stream), {"window": json.dumps(doc).encode()})
-    return True
+    body = json.dumps(doc, allow_nan=False).encode()
+    closed: Any = await client.eval(
+        CLOSE_SCRIPT, 2, OPEN_WINDOWS, handoff_stream(settings.stream), key, body
+    )
+    return bool(closed)
 
 
 def _window_doc(fields: dict[bytes, bytes], settings: IngestSettings, why: str) -> dict[str, Any]:
@@ -132,12 +144,14 @@ def _window_doc(fields: dict[bytes, bytes], settings: IngestSettings, why: str) 
 class Handoff:
     """Runs the configured sinks for closed windows; one per consumer actor."""
 
-    def __init__(self, settings: IngestSettings, client: aioredis.Redis, name: str) -> None:
+    def __init__(
+        self, settings: IngestSettings, client: aioredis.Redis, name: str, tally: Tally
+    ) -> None:
         self.settings = settings
         self.client = client
         self.queue = GroupConsumer(client, handoff_stream(settings.stream), HANDOFF_GROUP, name)
         self.http: aiohttp.ClientSession | None = None
-        self.counts: dict[str, int] = {}
+        self.tally = tally
         self.reap = ReapCursor()
 
     async def setup(self) -> None:
@@ -184,7 +198,7 @@ class Handoff:
                     continue
                 result = await getattr(self, f"_sink_{sink}")(doc)
                 await self.client.hset(done_key, sink, result)
-                self.counts[f"handoff_{sink}"] = self.counts.get(f"handoff_{sink}", 0) + 1
+                self.tally.inc(f"handoff_{sink}")
         except SinkBusy:
             return  # stays pending; tried again later
         await self.client.expire(done_key, 30 * 86400)
@@ -196,7 +210,7 @@ class Handoff:
             self.settings.handoff_stream,
             {
                 "window_id": doc["window_id"].encode(),
-                "window": json.dumps(doc, sort_keys=True).encode(),
+                "window": json.dumps(doc, sort_keys=True, allow_nan=False).encode(),
             },
         )
         return entry_id.decode()
@@ -204,7 +218,7 @@ class Handoff:
     async def _sink_webhook(self, doc: dict[str, Any]) -> str:
         if not self.settings.webhook_url or self.settings.webhook_secret is None:
             raise RuntimeError("INGEST_WEBHOOK_URL and INGEST_WEBHOOK_SECRET are required")
-        body = json.dumps(doc, sort_keys=True).encode()
+        body = json.dumps(doc, sort_keys=True, allow_nan=False).encode()
         mac = hmac.new(
             self.settings.webhook_secret.get_secret_value().encode(), body, hashlib.sha256
         ).hexdigest()

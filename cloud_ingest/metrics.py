@@ -1,13 +1,72 @@
-"""The deployment's Prometheus metrics (prefix ``cloud_ingest_``), refreshed by the supervisor
-from the queue and from every actor's ``stats()``."""
+"""The deployment's Prometheus metrics (prefix ``cloud_ingest_``), refreshed by the observer
+from the queue, every actor's ``stats()`` and the consumers' totals in Redis.
+
+Gauges say how things are now (queue depth, actors alive or paused, media workers
+busy). Counters are real counters: chunk outcomes and stage seconds are the sums the
+consumers keep in Redis (``cloud_ingest.totals``), so they never go down when an actor
+restarts or is killed, and ``rate()`` means what it says.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from shared.queue import QueueStatus
+
+# stats() gauges summed over the actors -> (metric name, help)
+ACTOR_GAUGES = {
+    "in_flight": ("cloud_ingest_entries_in_flight", "Entries held by the actors right now"),
+    "media_workers": ("cloud_ingest_media_workers", "Media worker processes (pool size)"),
+    "media_busy": ("cloud_ingest_media_workers_busy", "Media workers running a chunk's work"),
+    "media_waiting": (
+        "cloud_ingest_media_tasks_waiting",
+        "Chunks whose media work waits for a free worker",
+    ),
+    "paused": (
+        "cloud_ingest_consumers_paused",
+        "Actors paused because their own environment probe fails",
+    ),
+}
+
+
+class _Totals:
+    """Counters from the last totals read (they only grow; kept when a read fails)."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, float] = {}
+        self.stages: dict[str, float] = {}
+        self.restarts = 0
+
+    def collect(self) -> Iterator[Metric]:
+        chunks = CounterMetricFamily(
+            "cloud_ingest_chunks",
+            "Chunk outcomes and events, summed over all consumers ever (processed, duplicate, "
+            "verdict_*, rejected_<dlq reason>, failed_attempts, internal_errors, ...)",
+            labels=["outcome"],
+        )
+        for outcome, n in sorted(self.outcomes.items()):
+            chunks.add_metric([outcome], n)
+        yield chunks
+        stages = CounterMetricFamily(
+            "cloud_ingest_stage_seconds",
+            "Seconds spent per stage, summed over all consumers ever",
+            labels=["stage"],
+        )
+        for stage, s in sorted(self.stages.items()):
+            stages.add_metric([stage], s)
+        yield stages
+        yield CounterMetricFamily(
+            "cloud_ingest_actor_restarts",
+            "Consumer runs restarted by this deployment (actor died or run failed)",
+            value=self.restarts,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
 
 
 class IngestMetrics:
@@ -20,22 +79,11 @@ class IngestMetrics:
         self.consumers = Gauge(
             "cloud_ingest_consumers_alive", "Actors answering stats()", registry=r
         )
-        self.restarts = Gauge(
-            "cloud_ingest_actor_restarts", "Actor restarts since start", registry=r
-        )
-        self.events = Gauge(
-            "cloud_ingest_chunks",
-            "Chunk outcomes since start, summed over actors "
-            "(processed, duplicate, verdict_*, rejected_* for dead letters, failed_attempts)",
-            ["outcome"],
-            registry=r,
-        )
-        self.stage_seconds = Gauge(
-            "cloud_ingest_stage_seconds_total",
-            "Seconds spent per stage, summed over actors",
-            ["stage"],
-            registry=r,
-        )
+        self.actor = {
+            key: Gauge(name, text, registry=r) for key, (name, text) in ACTOR_GAUGES.items()
+        }
+        self.totals = _Totals()
+        r.register(self.totals)
 
     def update(self, queue: QueueStatus | None, stats: list[dict[str, Any]], restarts: int) -> None:
         if queue is not None:
@@ -44,13 +92,10 @@ class IngestMetrics:
             self.lag.set(queue.lag or 0)
             self.dlq.set(queue.dlq)
         self.consumers.set(len(stats))
-        self.restarts.set(restarts)
-        totals: dict[str, float] = {}
-        for s in stats:
-            for key, value in s.items():
-                totals[key] = totals.get(key, 0) + value
-        for key, value in totals.items():
-            if key.startswith("seconds_"):
-                self.stage_seconds.labels(key.removeprefix("seconds_")).set(value)
-            elif key != "in_flight":
-                self.events.labels(key).set(value)
+        for key, gauge in self.actor.items():
+            gauge.set(sum(float(s.get(key, 0)) for s in stats))
+        self.totals.restarts = restarts
+
+    def update_totals(self, counts: dict[str, float], seconds: dict[str, float]) -> None:
+        self.totals.outcomes = counts
+        self.totals.stages = seconds

@@ -1,5 +1,6 @@
-"""One chunk, end to end: verify → idempotency check → download → hash → integrity →
-content filters → preprocess (accepted only) → done record."""
+"""One chunk, end to end: verify → idempotency check → lock → download → hash → media work
+(integrity, content filters, preprocess of accepted chunks: one call in a media worker
+process, under INGEST_PROCESS_TIMEOUT_S) → done record."""
 
 from __future__ import annotations
 
@@ -7,18 +8,22 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Awaitable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from botocore.exceptions import ClientError
+from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
-from cloud_ingest.filters import Analysis, analyse, verdict
+from cloud_ingest.filters import Analysis
 from cloud_ingest.handoff import note_processed
-from cloud_ingest.preprocess import frames_to_shard
+from cloud_ingest.media_pool import MediaPool
+from cloud_ingest.objects import SizeError, get_bounded
+from cloud_ingest.preprocess import media_work
 from shared.keys import (
     camera_owner_key,
     chunk_key,
@@ -27,60 +32,81 @@ from shared.keys import (
     record_key,
     shard_key,
 )
-from shared.manifest import Manifest, Rejected, SignedManifest, verify_fields
+from shared.manifest import Manifest, Rejected, SignedManifest, verify_entry
 from shared.queue import Entry
 from shared.s3 import is_not_found
 
-T = TypeVar("T")
+log = structlog.get_logger("cloud_ingest")
 
+# A lock's holder is "{entry id}/{consumer}". Take it when free or when it is held for this
+# very entry (by a consumer that died, or lost the entry to the reaper): the reaper gave
+# the entry to us.
+LOCK_SCRIPT = """
+local held = redis.call('GET', KEYS[1])
+if not held or string.sub(held, 1, #ARGV[2]) == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
 # Delete the lock only if we still hold it.
 UNLOCK_SCRIPT = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
+LOCK_POLL_S = 0.5  # how often a copy waiting for the lock looks again
+MAX_RECORD_BYTES = 1 << 20  # our own done records are a few kB
 
 
 @dataclass(slots=True)
 class Outcome:
-    # "processed" (accepted or rejected by a filter), "duplicate" (done before: ack),
-    # "busy" (another copy in progress: leave pending)
+    # "processed" (accepted or rejected by a filter) or "duplicate" (done before: ack)
     status: str
     manifest: Manifest
     verdict: str = "accepted"  # or the filter's reason
     timings: dict[str, float] = field(default_factory=dict)
+    waited: bool = False  # another copy held the chunk's lock first
 
 
 class ChunkProcessor:
     def __init__(
-        self, settings: IngestSettings, s3: Any, redis: aioredis.Redis, consumer: str
+        self,
+        settings: IngestSettings,
+        s3: Any,
+        redis: aioredis.Redis,
+        consumer: str,
+        pool: MediaPool,
     ) -> None:
         self.settings = settings
         self.s3 = s3
         self.redis = redis
         self.consumer = consumer
+        self.pool = pool
         self.keyring = settings.signing_keys()
         self.thresholds = settings.thresholds()
         self.options = settings.preprocess()
+        self.locks: dict[bytes, tuple[str, str]] = {}  # entry id -> (lock key, holder)
 
-    async def process(self, entry: Entry) -> Outcome:
-        """Raises Rejected for what can never succeed; other errors mean 'retry later'."""
-        signed = verify_fields(entry.fields, self.keyring)
+    async def process(self, entry: Entry, slot: AbstractAsyncContextManager[Any]) -> Outcome:
+        """Raises Rejected for what can never succeed; other errors fail this attempt.
+        The work itself runs inside ``slot`` (the consumer's bound on chunks at once)."""
+        signed, replayed_at = verify_entry(entry.fields, self.keyring)
         m = signed.manifest
         self._check_location(m)
-        self._check_clock(m)
+        self._check_clock(m, replayed_at)
         rkey = record_key(self.settings.output_prefix, m)
         if await self._done_before(signed, rkey):
             return Outcome("duplicate", m)
         await self._check_camera_owner(m)
-        # The lock is held per chunk, by stream entry. Another entry of the same chunk (a
-        # copy announced twice) waits, unacknowledged; this entry reclaimed from a consumer
-        # that died (its lease ran out) takes the lock over.
-        owner = entry.id.decode()
-        if not await self._lock(m, owner):
-            return Outcome("busy", m)
+        waited = await self._lock(m, entry)
         try:
-            return await self._process(entry, signed, rkey)
+            if waited and await self._done_before(signed, rkey):
+                return Outcome("duplicate", m, waited=True)
+            async with slot:
+                outcome = await self._process(entry, signed, rkey)
+            outcome.waited = waited
+            return outcome
         finally:
-            await self.redis.eval(UNLOCK_SCRIPT, 1, chunk_lock_key(m.chunk_id), owner)
+            await self._unlock(entry)
 
     def _check_location(self, m: Manifest) -> None:
         """Only the configured raw bucket, only the key the manifest's own fields derive:
@@ -91,29 +117,35 @@ class ChunkProcessor:
         if m.key != expected:
             raise Rejected("foreign_key", f"key {m.key[:200]!r} is not {expected!r}")
 
-    def _check_clock(self, m: Manifest) -> None:
-        """A manifest from the future or from too long ago is a replay or a broken clock."""
+    def _check_clock(self, m: Manifest, replayed_at: float | None) -> None:
+        """A manifest from the future or from too long ago is a replay or a broken clock.
+        A replay tag (reconcile, dlq requeue: minted with the manifest's own key) stands in
+        for the age check, if the tag itself is fresh."""
         now = datetime.now(UTC)
         ahead = (m.end_time - now).total_seconds()
-        age = (now - m.start_time).total_seconds()
         if m.end_time < m.start_time:
             raise Rejected("clock_skew", "end_time is before start_time")
         if ahead > self.settings.max_clock_skew_s:
             raise Rejected("clock_skew", f"ends {ahead:.0f}s in the future")
+        if replayed_at is None:
+            age, what = (now - m.start_time).total_seconds(), "started"
+        else:
+            age, what = now.timestamp() - replayed_at, "replayed"
         if age > self.settings.max_manifest_age_s:
-            raise Rejected("clock_skew", f"started {age:.0f}s ago (INGEST_MAX_MANIFEST_AGE_S)")
+            raise Rejected("clock_skew", f"{what} {age:.0f}s ago (INGEST_MAX_MANIFEST_AGE_S)")
+        if -age > self.settings.max_clock_skew_s:
+            raise Rejected("clock_skew", f"{what} {-age:.0f}s in the future")
 
     async def _done_before(self, signed: SignedManifest, rkey: str) -> bool:
         """True for a redelivery of a processed chunk. The same chunk id with different
         content is a replay: refused, and the existing outputs stay as they are."""
         try:
-            resp = await self.s3.get_object(Bucket=self.settings.output_bucket, Key=rkey)
+            raw = await get_bounded(self.s3, self.settings.output_bucket, rkey, MAX_RECORD_BYTES)
         except ClientError as exc:
             if is_not_found(exc):
                 return False
             raise
-        async with resp["Body"] as body:
-            record = json.loads(await body.read())
+        record = json.loads(raw)
         if record.get("manifest") != signed.manifest.model_dump(mode="json"):
             raise Rejected(
                 "replay",
@@ -131,33 +163,48 @@ class ChunkProcessor:
                 f"not {m.device_id!r}",
             )
 
-    async def _lock(self, m: Manifest, owner: str) -> bool:
+    async def _lock(self, m: Manifest, entry: Entry) -> bool:
+        """Hold the chunk's lock for this entry, waiting while another entry of the same
+        chunk (a copy announced twice) holds it; the consumer keeps renewing our lease
+        meanwhile. True if it had to wait."""
         key = chunk_lock_key(m.chunk_id)
-        ttl_ms = int(max(60.0, 2 * self.settings.visibility_timeout_s) * 1000)
-        if await self.redis.set(key, owner, nx=True, px=ttl_ms):
-            return True
-        holder: Any = await self.redis.get(key)
-        return bool(holder == owner.encode())  # this very entry, from a consumer that died
+        mine = entry.id.decode() + "/"
+        holder = mine + self.consumer
+        ttl = str(self.settings.lock_ttl_ms())
+        waited = False
+        while not await self.redis.eval(LOCK_SCRIPT, 1, key, holder, mine, ttl):
+            waited = True
+            await asyncio.sleep(LOCK_POLL_S)
+        self.locks[entry.id] = (key, holder)
+        return waited
+
+    async def _unlock(self, entry: Entry) -> None:
+        held = self.locks.pop(entry.id, None)
+        if held is None:
+            return
+        try:
+            await self.redis.eval(UNLOCK_SCRIPT, 1, *held)
+        except RedisError as exc:  # it expires on its own
+            log.warning("lock.release_failed", lock=held[0], error=repr(exc)[:200])
 
     async def _process(self, entry: Entry, signed: SignedManifest, rkey: str) -> Outcome:
         m = signed.manifest
-        timings: dict[str, float] = {}
         t0 = time.monotonic()
         data = await self._download(m)
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
         if digest != m.sha256:
             raise Rejected("sha256_mismatch", f"object {m.key} hashes to {digest}")
-        timings["download_s"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        analysis = await self._bounded(asyncio.to_thread(analyse, data, m, self.thresholds))
-        analysis.reason = verdict(analysis, self.thresholds, await self._recent(m))
+        timings = {"download_s": time.monotonic() - t0}
+        recent = await self._recent(m)
+        media = await self.pool.run(media_work, data, m, self.thresholds, recent, self.options)
+        timings.update(media.timings)
+        analysis = media.analysis
         await self._remember(m, analysis.dhash)
-        timings["filter_s"] = time.monotonic() - t0
         shard = None
-        if analysis.reason is None:
+        if media.shard is not None:
             t0 = time.monotonic()
-            shard = await self._preprocess(data, m, analysis)
-            timings["preprocess_s"] = time.monotonic() - t0
+            shard = await self._store_shard(m, media.shard, media.frames)
+            timings["preprocess_s"] += time.monotonic() - t0
         shard_key = None if shard is None else str(shard["key"])
         await note_processed(self.redis, self.settings, m, shard_key)  # before the done record
         record = self._record(signed, entry, analysis, shard)
@@ -169,30 +216,21 @@ class ChunkProcessor:
         )
         return Outcome("processed", m, analysis.reason or "accepted", timings)
 
-    async def _bounded(self, work: Awaitable[T]) -> T:
-        """Media work under INGEST_PROCESS_TIMEOUT_S: a chunk that hangs the decoder fails
-        this attempt (and, after INGEST_MAX_DELIVERIES attempts, goes to the DLQ)."""
-        try:
-            return await asyncio.wait_for(work, self.settings.process_timeout_s)
-        except TimeoutError:
-            raise TimeoutError(f"media work exceeded {self.settings.process_timeout_s}s") from None
-
     async def _download(self, m: Manifest) -> bytes:
+        """The chunk's bytes, exactly ``size_bytes`` of them: a bigger object is refused from
+        its Content-Length, and never read past one byte more than declared."""
         if m.size_bytes > self.settings.max_chunk_bytes:
             raise Rejected(
                 "oversized_chunk", f"{m.size_bytes} bytes > {self.settings.max_chunk_bytes}"
             )
         try:
-            resp = await self.s3.get_object(Bucket=m.bucket, Key=m.key)
+            return await get_bounded(self.s3, m.bucket, m.key, m.size_bytes, exact=True)
         except ClientError as exc:
             if is_not_found(exc):
                 raise Rejected("object_missing", f"s3://{m.bucket}/{m.key}") from None
             raise
-        async with resp["Body"] as body:
-            data: bytes = await body.read()
-        if len(data) != m.size_bytes:
-            raise Rejected("size_mismatch", f"{len(data)} bytes, manifest says {m.size_bytes}")
-        return data
+        except SizeError as exc:
+            raise Rejected("size_mismatch", f"s3://{m.bucket}/{m.key}: {exc}") from None
 
     async def _recent(self, m: Manifest) -> list[str]:
         """Hashes of this camera's recent chunks, other than this very chunk (a redelivery)."""
@@ -217,11 +255,7 @@ class ChunkProcessor:
             pipe.expire(key, 7 * 86400)
             await pipe.execute()
 
-    async def _preprocess(self, data: bytes, m: Manifest, analysis: Analysis) -> dict[str, Any]:
-        scores = json.dumps(analysis.scores, sort_keys=True)
-        body, frames = await self._bounded(
-            asyncio.to_thread(frames_to_shard, data, m, self.options, scores)
-        )
+    async def _store_shard(self, m: Manifest, body: bytes, frames: int) -> dict[str, Any]:
         key = shard_key(self.settings.output_prefix, m)
         await self.s3.put_object(
             Bucket=self.settings.output_bucket,
@@ -229,12 +263,8 @@ class ChunkProcessor:
             Body=body,
             ContentType="application/vnd.apache.parquet",
         )
-        return {
-            "key": key,
-            "frames": frames,
-            "bytes": len(body),
-            "sha256": hashlib.sha256(body).hexdigest(),
-        }
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
+        return {"key": key, "frames": frames, "bytes": len(body), "sha256": digest}
 
     def _record(
         self, signed: SignedManifest, entry: Entry, analysis: Analysis, shard: dict[str, Any] | None
@@ -244,10 +274,13 @@ class ChunkProcessor:
             "status": "accepted" if analysis.reason is None else "rejected",
             "reason": analysis.reason,
             "scores": analysis.scores,
+            "score_notes": analysis.score_notes,
             "manifest": signed.manifest.model_dump(mode="json"),
             "signature": signed.signature.model_dump(mode="json"),
             "integrity": {
-                k: v for k, v in analysis.as_dict().items() if k not in ("scores", "reason")
+                k: v
+                for k, v in analysis.as_dict().items()
+                if k not in ("scores", "score_notes", "reason")
             },
             "shard": shard,
             "stream_entry_id": entry.id.decode(),
@@ -255,4 +288,4 @@ class ChunkProcessor:
             "consumer": self.consumer,
             "processed_at": datetime.now(UTC).isoformat(),
         }
-        return json.dumps(doc, sort_keys=True).encode()
+        return json.dumps(doc, sort_keys=True, allow_nan=False).encode()

@@ -21,13 +21,16 @@ import ray
 import redis.asyncio as aioredis
 import structlog
 from ray.exceptions import RayActorError
+from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.consumer import Consumer
 from cloud_ingest.metrics import IngestMetrics
+from cloud_ingest.totals import read_totals
 from shared.backoff import Backoff
 from shared.http import serve
 from shared.queue import ensure_group, status
+from shared.tasks import Supervisor as TaskSupervisor
 
 log = structlog.get_logger("cloud_ingest")
 
@@ -41,10 +44,21 @@ async def prepare_queue(settings: IngestSettings) -> None:
 
 
 class Supervisor:
-    def __init__(self, settings: IngestSettings) -> None:
+    """Starts the actors, calls ``run()`` on each and again whenever it ends, and drains.
+
+    The control loop never sleeps on one actor's behalf: a failed run's back-off is a
+    restart *scheduled* for later, while the loop keeps watching the others and the stop
+    flag."""
+
+    WAIT_S = 1.0  # longest the loop waits before looking at the stop flag again
+    HEALTHY_RUN_S = 30.0  # a run this long before failing restarts its back-off
+
+    def __init__(self, settings: IngestSettings, consumer_class: type[Consumer] = Consumer) -> None:
         self.settings = settings
+        self.consumer_class = consumer_class
         self.actors: dict[int, Any] = {}
-        self.runs: dict[Any, int] = {}
+        self.runs: dict[Any, tuple[int, float]] = {}  # run ref -> (index, started)
+        self.restart_at: dict[int, float] = {}  # index -> when its next run starts
         self.restarts = 0
         self.totals: Counter[str] = Counter()
         self.stopping = threading.Event()
@@ -54,7 +68,7 @@ class Supervisor:
         return f"consumer-{index}"
 
     def start(self, index: int) -> None:
-        actor_cls = ray.remote(Consumer)
+        actor_cls = ray.remote(self.consumer_class)
         actor: Any = actor_cls.options(
             name=f"{self.settings.group}-{self.consumer_name(index)}",
             namespace="cloud_ingest",
@@ -64,7 +78,10 @@ class Supervisor:
             max_concurrency=64,
         ).remote(self.settings, self.consumer_name(index))
         self.actors[index] = actor
-        self.runs[actor.run.remote()] = index
+        self._run(index)
+
+    def _run(self, index: int) -> None:
+        self.runs[self.actors[index].run.remote()] = (index, time.monotonic())
 
     def serve(self) -> int:
         for i in range(self.settings.consumers):
@@ -74,54 +91,100 @@ class Supervisor:
             log.warning("keyring.unbound_keys", key_ids=unbound)
         log.info("deployment.started", consumers=self.settings.consumers)
         while not self.stopping.is_set():
-            done, _ = ray.wait(list(self.runs), num_returns=1, timeout=1.0)
-            for ref in done:
-                self._reap(ref)
+            self._restart_due()
+            wait = self._wait_s()
+            if self.runs:
+                done, _ = ray.wait(list(self.runs), num_returns=1, timeout=wait)
+                for ref in done:
+                    self._reap(ref)
+            else:
+                self.stopping.wait(wait)
         return self.drain()
 
+    def _wait_s(self) -> float:
+        due = [at - time.monotonic() for at in self.restart_at.values()]
+        return max(0.0, min([self.WAIT_S, *due]))
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for index, at in list(self.restart_at.items()):
+            if at <= now:
+                del self.restart_at[index]
+                self.restarts += 1
+                self._run(index)
+
     def _reap(self, ref: Any) -> None:
-        index = self.runs.pop(ref)
+        """A run ended: schedule the next one (at once, or after a back-off if it failed)."""
+        index, started = self.runs.pop(ref)
+        name = self.consumer_name(index)
+        backoff = self.backoff.setdefault(index, Backoff(1.0, 30.0))
+        if time.monotonic() - started >= self.HEALTHY_RUN_S:
+            backoff.reset()
+        delay = 0.0
         try:
             self.totals.update(ray.get(ref))
-            log.warning("consumer.exited", consumer=self.consumer_name(index))
+            log.warning("consumer.exited", consumer=name)
         except RayActorError as exc:
-            log.warning("consumer.died", consumer=self.consumer_name(index), error=str(exc)[:300])
-        except Exception as exc:  # run() raised: a bug or a dependency; log and run it again
-            log.error("consumer.failed", consumer=self.consumer_name(index), error=str(exc)[:1000])
-            time.sleep(self.backoff.setdefault(index, Backoff(1.0, 30.0)).next())
-        self.restarts += 1
-        self.runs[self.actors[index].run.remote()] = index
+            log.warning("consumer.died", consumer=name, error=str(exc)[:300])
+        except Exception as exc:  # run() raised: a bug or a dependency; log, run it again later
+            delay = backoff.next()
+            log.error(
+                "consumer.failed",
+                consumer=name,
+                error=str(exc)[:1000],
+                restart_in_s=round(delay, 2),
+            )
+        self.restart_at[index] = time.monotonic() + delay
 
     def drain(self) -> int:
+        """Stop every actor and wait for its run (bounded). Non-zero when the drain was
+        incomplete: a run that did not return or failed, or work an actor had to cut off
+        (those entries stay pending for the next deployment, nothing is lost)."""
         log.info("deployment.draining")
         for actor in self.actors.values():
             actor.stop.remote()
         deadline = time.monotonic() + self.settings.drain_timeout_s + 5
+        failed: list[str] = []
         while self.runs and time.monotonic() < deadline:
             done, _ = ray.wait(list(self.runs), num_returns=1, timeout=1.0)
             for ref in done:
-                self.runs.pop(ref)
+                index, _started = self.runs.pop(ref)
                 try:
                     self.totals.update(ray.get(ref))
-                except RayActorError as exc:
+                except Exception as exc:  # died or failed while draining
+                    failed.append(self.consumer_name(index))
                     log.warning("consumer.died_during_drain", error=str(exc)[:300])
+        unfinished = sorted(self.consumer_name(i) for i, _ in self.runs.values())
         log.info(
-            "deployment.stopped", restarts=self.restarts, unfinished=len(self.runs), **self.totals
+            "deployment.stopped", restarts=self.restarts, unfinished=len(unfinished), **self.totals
         )
+        if unfinished or failed or self.totals["abandoned"]:
+            log.error(
+                "deployment.drain_incomplete",
+                unfinished_runs=unfinished,
+                failed_runs=failed,
+                abandoned_entries=self.totals["abandoned"],
+                note="their entries stay pending: the next deployment resumes them",
+            )
+            return 1
         return 0
 
 
 class Observer:
     """Health and metrics from a thread of their own (the supervisor loop is synchronous):
-    every few seconds it reads the queue and every actor's ``stats()``."""
+    every second it reads the queue, every actor's ``stats()`` and the consumers' totals.
+    Readiness: Redis answers, at least one actor answers and is not paused, and the last
+    refresh is recent (a wedged observer is not ready)."""
 
-    PERIOD_S = 5.0
+    PERIOD_S = 1.0
+    STALE_S = 15.0
 
     def __init__(self, settings: IngestSettings, supervisor: Supervisor) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.metrics = IngestMetrics()
         self.ready = {"redis": False, "consumers": False}
+        self.refreshed = 0.0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._thread, name="observer", daemon=True)
 
@@ -129,8 +192,18 @@ class Observer:
         self.thread.start()
 
     def stop(self) -> None:
+        if self.loop.is_running():
+            done = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+            with contextlib.suppress(Exception):
+                done.result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+    async def _shutdown(self) -> None:
+        if hasattr(self, "tasks"):
+            await self.tasks.stop()
+            await self.redis.aclose()
+            await self.runner.cleanup()
 
     def _thread(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -139,7 +212,11 @@ class Observer:
 
     async def _start(self) -> None:
         async def ready() -> dict[str, bool]:
-            return dict(self.ready)
+            fresh = time.monotonic() - self.refreshed < self.STALE_S
+            return {
+                "redis": self.ready["redis"] and fresh,
+                "consumers": self.ready["consumers"] and fresh,
+            }
 
         token = self.settings.http_token
         self.runner = await serve(
@@ -151,28 +228,33 @@ class Observer:
         self.redis = aioredis.from_url(
             self.settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3
         )
-        self.task = asyncio.create_task(self._observe())
+        self.tasks = TaskSupervisor(log)
+        self.tasks.start("observer", self._observe)
 
     async def _observe(self) -> None:
         while True:
-            queue = None
-            try:
-                queue = await status(self.redis, self.settings.stream, self.settings.group)
-                self.ready["redis"] = True
-            except Exception:
-                self.ready["redis"] = False
-            stats = []
-            for actor in list(self.supervisor.actors.values()):
-                with contextlib.suppress(Exception):  # restarting or dead: not counted alive
-                    stats.append(await asyncio.wait_for(actor.stats.remote(), 2))
-            self.ready["consumers"] = bool(stats)
-            self.metrics.update(queue, stats, self.supervisor.restarts)
+            await self._refresh()
             await asyncio.sleep(self.PERIOD_S)
+
+    async def _refresh(self) -> None:
+        queue = None
+        try:
+            queue = await status(self.redis, self.settings.stream, self.settings.group)
+            self.metrics.update_totals(*await read_totals(self.redis, self.settings.group))
+            self.ready["redis"] = True
+        except RedisError:
+            self.ready["redis"] = False  # counters keep their last values
+        stats = []
+        for actor in list(self.supervisor.actors.values()):
+            with contextlib.suppress(Exception):  # restarting or dead: not counted alive
+                stats.append(await asyncio.wait_for(actor.stats.remote(), 2))
+        self.ready["consumers"] = any(not s.get("paused") for s in stats)
+        self.metrics.update(queue, stats, self.supervisor.restarts)
+        self.refreshed = time.monotonic()
 
 
 def run(settings: IngestSettings) -> int:
     asyncio.run(prepare_queue(settings))
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one canonical line per chunk, never folded
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None, namespace="cloud_ingest", log_to_driver=True
     )

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from devstack import daemons
 from devstack.daemons import BIN, Daemon, log_events
+from devstack.proxy import HttpTap, TappedRequest
 from devstack.s3 import S3
 from edge_agent.segmenter import ClosedChunk
 from shared.keys import chunk_key, dlq_stream, manifest_key
@@ -333,3 +334,98 @@ class Edge:
         if announce:
             await publish(self.redis, "chunks", entry)
         return manifest
+
+
+# -- cloud-side helpers -------------------------------------------------------------------
+
+_SLOW_CHUNKS: dict[Path, ClosedChunk] = {}
+
+
+def slow_chunk_in(session_dir: Path) -> ClosedChunk:
+    """A 1280x720, 30 s, 15 fps chunk (one per session, shared by the modules that need it):
+    seconds of decode and JPEG work at INGEST_SAMPLE_FPS=15 / INGEST_RESIZE_SHORT_SIDE=720,
+    where the small test chunks take a tenth of a second."""
+    from devstack.media import make_clip
+
+    if session_dir not in _SLOW_CHUNKS:
+        clip = make_clip(session_dir / "slow.mp4", 30, width=1280, height=720, fps=15)
+        [chunk] = segment_file(clip, session_dir / "slow", 30.0)
+        _SLOW_CHUNKS[session_dir] = chunk
+    return _SLOW_CHUNKS[session_dir]
+
+
+def ingest_settings(stack: Stack, **overrides: Any) -> Any:
+    """IngestSettings for a consumer actor a test starts itself (as ``ingest_env`` says)."""
+    from cloud_ingest.config import IngestSettings
+
+    values: dict[str, Any] = {
+        "redis_url": stack.redis_url,
+        "stream": "chunks",
+        "group": "ingest",
+        "s3_endpoint_url": stack.s3_endpoint,
+        "output_bucket": stack.out_bucket,
+        "raw_bucket": stack.raw_bucket,
+        "visibility_timeout_s": 10,
+        "max_deliveries": 3,
+        "keyring": {KEY_ID: {"secret": SECRET, "device_id": "dev-1"}},
+        "log_format": "json",
+    }
+    return IngestSettings(**{**values, **overrides})
+
+
+def strict_json(text: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN and Infinity, as every strict parser does."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+class TimedTap(HttpTap):
+    """An ``HttpTap`` that also notes when each request's answer ended (its last byte back
+    to the client), so a test can count the requests in flight at once. On one connection
+    a request's answer ends before the connection's next request starts."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.answered: dict[int, float] = {}  # id(TappedRequest) -> monotonic time
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from devstack.proxy import _Parser
+
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        parser = _Parser(self)
+        mine: list[TappedRequest] = []
+
+        def outbound(data: bytes) -> bytes:
+            known = len(self.requests)
+            out = parser.feed(data)
+            mine.extend(self.requests[known:])
+            return out
+
+        def inbound(data: bytes) -> bytes:
+            if mine:
+                self.answered[id(mine[-1])] = time.monotonic()
+            return data
+
+        await asyncio.gather(
+            self._pipe(reader, up_writer, outbound, outbound=True),
+            self._pipe(up_reader, writer, inbound, outbound=False),
+            return_exceptions=True,
+        )
+
+    def most_in_flight(self, chosen: list[TappedRequest]) -> int:
+        """The most of ``chosen`` whose request had started and answer not ended at once."""
+        events = []
+        for r in chosen:
+            events += [(r.started, 1), (self.answered.get(id(r), r.started), -1)]
+        most = now = 0
+        for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # ends first at a tie
+            now += step
+            most = max(most, now)
+        return most

@@ -5,25 +5,44 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from edge_agent.segmenter import ClosedChunk
-from tests.support import BIN, S3, Edge, Stack, cloud_ingest, edge_agent, eventually, queue_state
+from shared.manifest import SigningKey, sign, tag_replay
+from shared.queue import publish
+from tests.support import (
+    BIN,
+    KEY_ID,
+    S3,
+    SECRET,
+    Edge,
+    Stack,
+    TimedTap,
+    cloud_ingest,
+    edge_agent,
+    eventually,
+    queue_state,
+    report_figures,
+)
 
 
-async def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+async def cli(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run,
         [str(BIN / "cloud-ingest"), *args],
-        env=stack.ingest_env(INGEST_RAW_BUCKET=stack.raw_bucket),
+        env=stack.ingest_env(INGEST_RAW_BUCKET=stack.raw_bucket, **env),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+KEYRING = {KEY_ID: SigningKey(SECRET.encode(), device_id="dev-1")}
 
 
 def listed(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
@@ -109,3 +128,100 @@ async def test_admin_reconcile_rebuilds_the_queue_from_the_bucket(
         cloud.kill()
     again = json.loads((await cli(stack, "reconcile")).stdout)
     assert (again["done"], again["requeued"]) == (3, 0)  # done records stop a second replay
+
+
+async def test_admin_reconcile_streams_pages_and_bounds_its_concurrency(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """40 chunks with their sidecars, listed 7 keys a page (so chunks and sidecars fall on
+    different pages) with --concurrency 4, through a tap on the wire: the per-chunk lookups
+    (sidecar GET, record HEAD) start before the listing ends, at most 4 and more than one
+    are in flight at once, and every chunk is paired with its sidecar."""
+    total = 40
+    for seq in range(total):
+        await edge.send(chunks[seq % len(chunks)], seq, sidecar=True, announce=False)
+    with TimedTap(stack.s3_endpoint) as tap:
+        result = await cli(
+            stack,
+            "reconcile",
+            "--dry-run",
+            "--page-size",
+            "7",
+            "--concurrency",
+            "4",
+            INGEST_S3_ENDPOINT_URL=tap.url,
+        )
+        requests = tap.snapshot()
+        lists = [r for r in requests if "list-type=2" in r.query]
+        lookups = [r for r in requests if r not in lists and r.method in ("GET", "HEAD")]
+        most = tap.most_in_flight(lookups)
+    report = json.loads(result.stdout)
+    report_figures(
+        "reconcile_streaming",
+        {
+            "chunks": report["chunks"],
+            "list_pages": len(lists),
+            "lookups": len(lookups),
+            "lookups_before_last_page": sum(r.started < lists[-1].started for r in lookups),
+            "most_in_flight": most,
+        },
+    )
+    assert (report["chunks"], report["requeued"], report["without_manifest"]) == (total, total, 0)
+    assert len(lists) == -(-2 * total // 7)  # 80 keys, 7 a page
+    assert len(lookups) == 2 * total  # a sidecar GET and a record HEAD per chunk
+    assert lookups[0].started < lists[-1].started  # work began while the listing went on
+    assert 1 < most <= 4
+
+
+async def test_admin_reconcile_replays_footage_of_any_age(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """Footage an hour old against INGEST_MAX_MANIFEST_AGE_S=600: announced as it is, it is
+    refused (`clock_skew`: the age check against replays by whoever can XADD); rebuilt from
+    the bucket by reconcile, each entry carries a replay tag made with its manifest's own
+    key and is processed, and so is the refused one once `dlq requeue` replays it. A
+    forged tag (no key) and a tag older than the window are refused."""
+    old = [await edge.send(chunks[seq], seq, sidecar=True, announce=False) for seq in range(3)]
+    refused = await edge.send(chunks[0], 3)  # announced directly, untagged: too old
+    forged = sign(old[0], KEY_ID, SECRET.encode()).to_fields()
+    now = str(int(time.time())).encode()
+    forged_tagged = {**forged, "replayed_at": now, "replay_sig": b"0" * 64}
+    await publish(edge.redis, "chunks", forged_tagged)  # type: ignore[arg-type]
+    stale_at = str(int(time.time()) - 3600).encode()
+    stale = tag_replay({k.encode(): v for k, v in forged.items()}, KEYRING, float(stale_at))
+    await publish(edge.redis, "chunks", {k.decode(): v for k, v in stale.items()})
+    result = await cli(stack, "reconcile", INGEST_MAX_MANIFEST_AGE_S="600")
+    assert json.loads(result.stdout)["requeued"] == 3
+    cloud = cloud_ingest(stack, stack.workdir / "cloud.log", INGEST_MAX_MANIFEST_AGE_S="600")
+    try:
+
+        async def first_round() -> bool:
+            st = await queue_state(stack.redis_url)
+            return (
+                st["length"] == 0
+                and st["dlq"] == 3
+                and len(await s3.records(stack.out_bucket)) == 3
+            )
+
+        await eventually(first_round, 90, "the replayed chunks processed, the rest refused")
+        reasons = sorted((await queue_state(stack.redis_url))["dlq_reasons"])
+        requeued = await cli(stack, "dlq", "requeue", "--reason", "clock_skew")
+        assert json.loads(requeued.stdout) == {"requeued": 2}  # the untagged one, the stale one
+
+        async def second_round() -> bool:
+            st = await queue_state(stack.redis_url)
+            return st["length"] == 0 and st["pending"] == 0 and st["dlq"] == 1
+
+        await eventually(second_round, 60, "the requeued letters processed")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    records = {r["manifest"]["seq"] for r in await s3.records(stack.out_bucket)}
+    final = await queue_state(stack.redis_url)
+    report_figures(
+        "replay_any_age",
+        {"first_round_dlq": reasons, "records": sorted(records), "left": final["dlq_reasons"]},
+    )
+    assert reasons == ["bad_replay_tag", "clock_skew", "clock_skew"]
+    assert records == {0, 1, 2, refused.seq}
+    assert final["dlq_reasons"] == ["bad_replay_tag"]

@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
+from devstack.media import make_clip
 from devstack.servers import free_port
 from edge_agent.segmenter import ClosedChunk
-from tests.support import BASE_TIME, S3, Edge, Stack, cloud_ingest, eventually
+from tests.support import (
+    BASE_TIME,
+    S3,
+    Edge,
+    Stack,
+    cloud_ingest,
+    eventually,
+    segment_file,
+    strict_json,
+)
 
 SECRET = "webhook-secret"
 ENTRYPOINT = """python -c "print('reconstruct {window_id} from {chunk_ids}')" """
@@ -215,3 +228,56 @@ async def test_handoff_respects_the_concurrent_job_limit(
         cloud.kill()
     first, second = ours()
     assert second.start_time >= first.end_time  # never two at once
+
+
+async def test_handoff_every_output_is_strict_json(
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    webhook: tuple[str, list[dict[str, Any]]],
+    tmp_path: Path,
+) -> None:
+    """A window whose chunks include one with a single decodable keyframe (no motion to
+    measure): every JSON object written to the output bucket, every shard's scores column,
+    the closed window on the downstream stream and the webhook's body parse with a strict
+    parser (no NaN, no Infinity); the missing score is null, with the reason beside it."""
+    url, received = webhook
+    clip = make_clip(tmp_path / "one-keyframe.mp4", 2, gop=30)  # 30 frames, one GOP
+    [single] = segment_file(clip, tmp_path / "one-keyframe", 2.0)
+    assert single.keyframe_count == 1
+    for seq in range(5):
+        await edge.send(single if seq == 2 else chunks[seq % len(chunks)], seq)
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S="10",
+        INGEST_WINDOW_TIMEOUT_S="600",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1"]}),
+        INGEST_HANDOFF_SINKS='["stream", "webhook"]',
+        INGEST_WEBHOOK_URL=url,
+        INGEST_WEBHOOK_SECRET=SECRET,
+        INGEST_FILTER_RECENT_CHUNKS="0",
+    )
+    try:
+
+        async def handed_off() -> bool:
+            return len(await downstream(edge)) == 1 and len(received) == 1
+
+        await eventually(handed_off, 90, "the window handed off to both sinks")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    documents = [await s3.get(stack.out_bucket, k) for k in await s3.keys(stack.out_bucket)]
+    records = [strict_json(d) for d in documents if d.startswith(b"{")]
+    shards = [pq.read_table(io.BytesIO(d)) for d in documents if d.startswith(b"PAR1")]
+    scores = [strict_json(s) for t in shards for s in t.column("scores").to_pylist()]
+    windows = [strict_json(f[b"window"]) for _, f in await edge.redis.xrange("windows.closed")]
+    bodies = [strict_json(call["body"]) for call in received]
+    [one] = [r for r in records if r["manifest"]["seq"] == 2]
+    assert len(records) == len(documents) - len(shards) == 5
+    assert len(shards) == 5 and len(windows) == len(bodies) == 1
+    assert one["status"] == "accepted" and one["integrity"]["keyframes_decoded"] == 1
+    assert one["scores"]["motion"] is None and "one keyframe" in one["score_notes"]["motion"]
+    assert {"motion": None} in [{"motion": s["motion"]} for s in scores]
+    assert {c["chunk_id"] for c in windows[0]["chunks"]["cam1"]} == {r["chunk_id"] for r in records}

@@ -32,7 +32,8 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cloud_ingest import admin
-from cloud_ingest.processor import UNLOCK_SCRIPT
+from cloud_ingest.processor import LOCK_SCRIPT, UNLOCK_SCRIPT
+from cloud_ingest.totals import Tally, read_totals, write_increments
 from devstack.s3 import S3
 from devstack.servers import RedisServer, SeaweedS3, free_port
 from devstack.tls import issue, make_ca
@@ -230,10 +231,26 @@ async def test_redis_cloud_user_runs_the_consumer_side_and_nothing_more(
         queue = GroupConsumer(cloud, STREAM, "ingest", "consumer-0")
         entries = await queue.read(10, 100)
         assert [e.id for e in entries] == ids
-        await queue.renew([e.id for e in entries])
+        held = chunk_lock_key("chunk-0")
+        holder = f"{ids[0].decode()}/consumer-0"
+        assert await cloud.eval(LOCK_SCRIPT, 1, held, holder, f"{ids[0].decode()}/", "60000") == 1
+        lost = await queue.renew([e.id for e in entries], {held: holder}, 120_000)
+        keeper = secure_redis.client("housekeeper")
+        assert lost == [] and await keeper.pttl(held) > 60_000  # lock renewed with the lease
+        await keeper.aclose()
+        assert await queue.release(entries[:1]) == 1  # given back uncounted (XCLAIM IDLE)
         reclaimed = await queue.claim_stale(ReapCursor(), 0, 10)
         assert [e.id for e in reclaimed] == ids
-        assert {e.deliveries for e in reclaimed} == {2}  # XAUTOCLAIM counted a delivery
+        # XAUTOCLAIM counted a delivery; the released entry had gone back to its count before
+        assert [e.deliveries for e in reclaimed] == [1, 2, 2]
+        # The consumers' totals (the metrics' counters) and the owner-checked ack with them.
+        taken = Tally()
+        taken.inc("processed")
+        taken.spent("download", 0.5)
+        await queue.ack(
+            [], also=lambda p: write_increments(p, "ingest", "consumer-0", taken.take())
+        )
+        assert await read_totals(cloud, "ingest") == ({"processed": 1.0}, {"download": 0.5})
         await queue.ack([ids[0]])
         await queue.dead_letter(reclaimed[1], "test_reason", "detail")
         st = await status(cloud, STREAM, "ingest")
@@ -242,7 +259,7 @@ async def test_redis_cloud_user_runs_the_consumer_side_and_nothing_more(
         # Operator commands on the dead letters run as the cloud user too.
         letters = await admin.letters(cloud, STREAM)
         assert [x.reason for x in letters] == ["test_reason"]
-        assert await admin.requeue(cloud, STREAM, letters) == 1
+        assert await admin.requeue(cloud, STREAM, letters, {}) == 1  # no key: left untagged
         assert await cloud.xlen(dlq_stream(STREAM)) == 0
         await queue.ack([ids[2]])
         [again] = await queue.read(10, None)  # the requeued letter, delivered again
@@ -471,6 +488,8 @@ async def test_s3_cloud_identity_reads_raw_and_writes_outputs_only(
 
         assert await body_of(cloud, RAW, key) == b"raw chunk"
         await cloud.head_object(Bucket=RAW, Key=key)
+        for bucket in (RAW, OUT):  # the consumer's probe of its own access
+            await cloud.head_bucket(Bucket=bucket)
         listed = await cloud.list_objects_v2(Bucket=RAW, Prefix="raw/")  # reconcile lists
         assert key in [o["Key"] for o in listed.get("Contents", [])]
         out_key = f"lp-test/{secrets.token_hex(4)}.json"

@@ -128,7 +128,7 @@ async def test_queue_faults_2000_manifests_ten_kills_and_a_redis_restart(
         "pending": state["pending"],
         "processed_by_surviving_actors": stopped.get("processed", 0),
         "duplicates_acked": stopped.get("duplicate", 0),
-        "busy": stopped.get("busy", 0),
+        "lock_waits": stopped.get("lock_waits", 0),
         "reclaimed": stopped.get("reclaimed", 0),
         "actor_restarts": stopped.get("restarts", 0),
         "seconds": round(elapsed, 1),

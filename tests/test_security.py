@@ -107,7 +107,7 @@ async def test_security_every_forgery_class_is_refused_with_its_reason(
             st = await queue_state(stack.redis_url)
             raise AssertionError(f"{st}\n{cloud.text()[-4000:]}") from None
         lines = [
-            f'cloud_ingest_chunks{{outcome="rejected_{r}"}} {expected.count(r)}.0'
+            f'cloud_ingest_chunks_total{{outcome="rejected_{r}"}} {expected.count(r)}.0'
             for r in set(expected)
         ]
         async with aiohttp.ClientSession() as http:

@@ -1,0 +1,80 @@
+"""Chunk outcome counts and stage seconds that survive actor restarts and kills.
+
+Each consumer counts in memory (``Tally``: this run's totals, for ``run()``'s return
+and the deployment's last log line) and adds the increments to its own Redis hash
+(``HINCRBY`` / ``HINCRBYFLOAT``) in the same MULTI/EXEC as its acknowledgements, so a
+chunk is counted exactly when it is acknowledged, kill or no kill, and the sums only
+ever grow: what the metrics observer exports from them is a real counter, whatever
+happens to the actors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from shared.keys import consumer_totals_key, consumers_key
+
+Increments = tuple[Counter[str], dict[str, float]]
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.run: Counter[str] = Counter()  # this run's counts
+        self.seconds: dict[str, float] = {}  # this run's seconds per stage
+        self._counts: Counter[str] = Counter()  # not yet in Redis
+        self._seconds: dict[str, float] = {}
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.run[name] += n
+        self._counts[name] += n
+
+    def spent(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
+
+    def take(self) -> Increments:
+        """The increments not yet in Redis (now the caller's to write, or to give back)."""
+        taken = (self._counts, self._seconds)
+        self._counts, self._seconds = Counter(), {}
+        return taken
+
+    def give_back(self, taken: Increments) -> None:
+        """Increments whose write failed (MULTI/EXEC: not applied): written next time."""
+        self._counts.update(taken[0])
+        for stage, s in taken[1].items():
+            self._seconds[stage] = self._seconds.get(stage, 0.0) + s
+
+
+def write_increments(pipe: Any, group: str, consumer: str, taken: Increments) -> None:
+    """Queue ``taken`` on a (transactional) pipeline."""
+    counts, seconds = taken
+    if not counts and not seconds:
+        return
+    key = consumer_totals_key(group, consumer)
+    pipe.sadd(consumers_key(group), consumer)
+    for name, n in counts.items():
+        pipe.hincrby(key, f"count:{name}", n)
+    for stage, s in seconds.items():
+        pipe.hincrbyfloat(key, f"seconds:{stage}", s)
+
+
+async def read_totals(
+    redis: aioredis.Redis, group: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(counts, seconds) summed over every consumer that ever kept totals for ``group``."""
+    names: Any = await redis.smembers(consumers_key(group))
+    counts: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in sorted(names):
+            pipe.hgetall(consumer_totals_key(group, name.decode()))
+        hashes = await pipe.execute()
+    for fields in hashes:
+        for field, value in fields.items():
+            kind, _, name = field.decode().partition(":")
+            target = counts if kind == "count" else seconds
+            target[name] = target.get(name, 0.0) + float(value)
+    return counts, seconds
