@@ -163,6 +163,10 @@ def _frames(
             w, h = _size(frame.width, frame.height, options.short_side)
             enc = enc or _encoder(w, h, options.jpeg_quality)
             small = frame.reformat(width=w, height=h, format="yuvj420p")
+            # Numbered in the encoder's own 1/25 s time base: the frame's pts, rescaled to
+            # it, repeats when more than 25 frames a second are sampled, and the encoder
+            # refuses a repeated pts (EINVAL: every such chunk was "undecodable").
+            small.pts, small.time_base = len(rows["jpeg"]), enc.time_base
             jpeg = b"".join(bytes(p) for p in enc.encode(small))
             _append(rows, manifest, index, t, w, h, jpeg, scores_json)
         if not rows["frame_index"]:  # nothing decoded: perhaps a size it may not allocate

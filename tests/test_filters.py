@@ -145,3 +145,15 @@ async def test_filters_through_the_consumers_record_verdicts_and_shards(
     [stopped] = cloud.events("deployment.stopped")
     assert stopped["processed"] == 2
     assert stopped["duplicate"] == 1  # redelivered, acknowledged without redoing the work
+
+
+def test_preprocess_samples_more_than_25_frames_a_second(tmp_path: Path) -> None:
+    """A 30 fps chunk sampled at INGEST_SAMPLE_FPS=30: every frame becomes a JPEG. (The
+    frames' pts, rescaled to the JPEG encoder's 1/25 s, used to repeat, and the encoder
+    refused the chunk as undecodable: with such a setting, every chunk went to the DLQ.)"""
+    clip = make_clip(tmp_path / "30fps.mp4", 2, fps=30)
+    [c] = segment_file(clip, tmp_path / "30fps-out", 2.0)
+    options = Options(sample_fps=30.0, short_side=120, jpeg_quality=4)
+    body, frames = frames_to_shard(c.path.read_bytes(), manifest_like(c), options, "{}")
+    assert frames == c.frame_count == 60
+    assert pq.read_table(io.BytesIO(body)).column("frame_index").to_pylist() == list(range(60))
