@@ -292,6 +292,7 @@ class Edge:
     ) -> Manifest:
         body = chunk.path.read_bytes() if data is None else data
         start = fields.pop("start_time", BASE_TIME + timedelta(seconds=2 * seq))
+        duration = float(fields.pop("media_duration_s", 2.0))
         device, site = fields.get("device_id", "dev-1"), fields.get("site_id", "site-1")
         camera = fields.get("camera_id", "cam1")
         digest = chunk.sha256 if data is None else sha256(body)
@@ -312,9 +313,9 @@ class Edge:
             "frame_count": chunk.frame_count,
             "keyframe_count": chunk.keyframe_count,
             "start_time": start,
-            "end_time": start + timedelta(seconds=2),
+            "end_time": start + timedelta(seconds=duration),
             "media_start_s": 2.0 * seq,
-            "media_duration_s": 2.0,
+            "media_duration_s": duration,
             "discontinuity": False,
             "gap_before_s": 0.0,
             "agent_version": "test",
@@ -338,20 +339,50 @@ class Edge:
 
 # -- cloud-side helpers -------------------------------------------------------------------
 
-_SLOW_CHUNKS: dict[Path, ClosedChunk] = {}
+_SLOW_CHUNKS: dict[tuple[Path, int], ClosedChunk] = {}
+# What makes the media work of a slow chunk slow (every frame decoded and JPEG'd at
+# 1280x720), and lets its still scene pass the `static` filter.
+SLOW_WORK = {
+    "INGEST_SAMPLE_FPS": "30",
+    "INGEST_RESIZE_SHORT_SIDE": "720",
+    "INGEST_FILTER_STATIC_MOTION": "0",
+}
 
 
-def slow_chunk_in(session_dir: Path) -> ClosedChunk:
-    """A 1280x720, 30 s, 15 fps chunk (one per session, shared by the modules that need it):
-    seconds of decode and JPEG work at INGEST_SAMPLE_FPS=15 / INGEST_RESIZE_SHORT_SIDE=720,
-    where the small test chunks take a tenth of a second."""
-    from devstack.media import make_clip
+def slow_chunk_in(session_dir: Path, seconds: int = 20) -> ClosedChunk:
+    """A 1280x720, 30 fps chunk of a still scene, one keyframe a second (one per session
+    and length, shared by the modules that need it). Cheap to make (x264 skips the
+    repeated frames) and small (about 60 kB a second), but with SLOW_WORK its media work
+    takes about 0.2 s per second of video (20 s: ~4 s, 60 s: ~9 s on one core), where
+    the small test chunks take a tenth of a second."""
+    if (session_dir, seconds) not in _SLOW_CHUNKS:
+        clip = _still_clip(session_dir / f"still-{seconds}.mp4", seconds)
+        [chunk] = segment_file(clip, session_dir / f"still-{seconds}", float(seconds))
+        _SLOW_CHUNKS[session_dir, seconds] = chunk
+    return _SLOW_CHUNKS[session_dir, seconds]
 
-    if session_dir not in _SLOW_CHUNKS:
-        clip = make_clip(session_dir / "slow.mp4", 30, width=1280, height=720, fps=15)
-        [chunk] = segment_file(clip, session_dir / "slow", 30.0)
-        _SLOW_CHUNKS[session_dir] = chunk
-    return _SLOW_CHUNKS[session_dir]
+
+def _still_clip(path: Path, seconds: int, fps: int = 30, width: int = 1280) -> Path:
+    import av
+    import numpy as np
+
+    height = width * 9 // 16
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x % 256, y % 256, (x + y) // 2 % 256], axis=2).astype(np.uint8)
+    rgb[100:300, 200:400] = 255  # edges: not blurred
+    image = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    with av.open(str(path), "w") as out:
+        stream: Any = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"g": str(fps), "keyint_min": str(fps), "sc_threshold": "0"}
+        stream.options["preset"] = "ultrafast"
+        for i in range(seconds * fps):
+            image.pts = i
+            for packet in stream.encode(image):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
 
 
 def ingest_settings(stack: Stack, **overrides: Any) -> Any:

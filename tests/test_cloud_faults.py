@@ -27,6 +27,7 @@ from shared.manifest import parse_manifest
 from shared.queue import Entry
 from tests.support import (
     S3,
+    SLOW_WORK,
     Edge,
     Stack,
     cloud_ingest,
@@ -41,6 +42,12 @@ from tests.support import (
 @pytest.fixture(scope="session")
 def slow_chunk(session_dir: Path) -> ClosedChunk:
     return slow_chunk_in(session_dir)
+
+
+@pytest.fixture(scope="session")
+def hanging_chunk(session_dir: Path) -> ClosedChunk:
+    """60 s of video: ~9 s of media work on an idle core, far past a 1 s limit."""
+    return slow_chunk_in(session_dir, 60)
 
 
 def consumer_actor(name: str) -> Any:
@@ -65,25 +72,26 @@ async def letters(edge: Edge) -> list[dict[bytes, bytes]]:
 
 @pytest.mark.timeout(300)
 async def test_cloud_faults_hanging_decodes_are_killed_while_valid_traffic_flows(
-    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk], slow_chunk: ClosedChunk
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk], hanging_chunk: ClosedChunk
 ) -> None:
-    """20 chunks whose media work takes seconds (720p, every frame decoded and JPEG'd) against
-    INGEST_PROCESS_TIMEOUT_S=1, sent among 30 small valid ones, to 2 actors with 2 media
-    workers each. Each overrun is stopped for real (its worker process killed and replaced),
-    so the valid chunks keep flowing: all processed, none dead-lettered; the hanging ones
-    are dead-lettered `process_timeout` with the limit named."""
+    """20 chunks whose media work runs about nine times past INGEST_PROCESS_TIMEOUT_S=1
+    (60 s of 720p, every frame decoded and JPEG'd), sent among 30 small valid ones, to 2
+    actors with 2 media workers each. Each overrun is stopped for real (its worker
+    process killed and replaced), so the valid chunks keep flowing: all processed, none
+    dead-lettered; the hanging ones are dead-lettered `process_timeout` with the limit
+    named. (Decodes left running in threads fill the executors, and the valid chunks'
+    work waits behind them past the limit.)"""
     hanging, valid = list(range(100, 120)), list(range(30))
     for i, seq in enumerate(valid):
         await edge.send(chunks[seq % len(chunks)], seq)
         if i < len(hanging):
-            await edge.send(slow_chunk, hanging[i])
+            await edge.send(hanging_chunk, hanging[i], media_duration_s=60.0)
     cloud = cloud_ingest(
         stack,
         stack.workdir / "cloud.log",
         INGEST_PROCESS_TIMEOUT_S="1",
         INGEST_MAX_DELIVERIES="1",
-        INGEST_SAMPLE_FPS="15",
-        INGEST_RESIZE_SHORT_SIDE="720",
+        **SLOW_WORK,
         INGEST_FILTER_RECENT_CHUNKS="0",
     )
     busy, waiting, pids = 0, 0, set()
@@ -129,6 +137,9 @@ async def test_cloud_faults_hanging_decodes_are_killed_while_valid_traffic_flows
     assert all(b"INGEST_PROCESS_TIMEOUT_S=1s" in f[b"detail"] for f in dead)
     assert stopped["process_timeouts"] == len(hanging)
     assert len(pids) > 4  # workers were killed and replaced (2 actors x 2 at the start)
+    # Bounded: each hanging chunk costs its 1 s limit, not its ~9 s of decoding (~17 s here;
+    # decodes left running took 70 s).
+    assert elapsed < 60
 
 
 # -- 7: leases and locks ------------------------------------------------------------------
@@ -149,16 +160,15 @@ async def test_cloud_faults_lease_and_lock_stay_with_their_holder(
        renewed with the lease, so when the first copy comes back from "thief" (through a
        reaper) it waits, and ends as a duplicate.
     In the end: 1 processed, 1 duplicate, nothing dead-lettered, nothing pending."""
-    m = await edge.send(slow_chunk, 0)
-    await edge.send(slow_chunk, 0)  # the same manifest announced twice
+    m = await edge.send(slow_chunk, 0, media_duration_s=20.0)
+    await edge.send(slow_chunk, 0, media_duration_s=20.0)  # the same manifest announced twice
     cloud = cloud_ingest(
         stack,
         stack.workdir / "cloud.log",
         INGEST_VISIBILITY_TIMEOUT_S="1",
         INGEST_LOCK_TTL_MIN_S="1",
         INGEST_PROCESS_TIMEOUT_S="120",
-        INGEST_SAMPLE_FPS="15",
-        INGEST_RESIZE_SHORT_SIDE="720",
+        **SLOW_WORK,
     )
     lock = f"ingest:lock:{m.chunk_id}"
     held: dict[bytes, list[float]] = {}  # lock holder -> [first seen, last seen]
@@ -415,11 +425,10 @@ async def test_cloud_faults_drain_cut_short_exits_non_zero_and_the_next_deployme
     cancels the work (its media worker killed), leaves the entry pending, says so and exits
     non-zero. A new deployment finishes the chunk, and the cut-off attempt was not counted
     against it."""
-    m = await edge.send(slow_chunk, 0)
+    m = await edge.send(slow_chunk, 0, media_duration_s=20.0)
     env = {
         "INGEST_CONSUMERS": "1",
-        "INGEST_SAMPLE_FPS": "15",
-        "INGEST_RESIZE_SHORT_SIDE": "720",
+        **SLOW_WORK,
     }
     first = cloud_ingest(stack, stack.workdir / "first.log", INGEST_DRAIN_TIMEOUT_S="1", **env)
     try:

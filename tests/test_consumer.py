@@ -18,6 +18,7 @@ from edge_agent.segmenter import ClosedChunk
 from shared.queue import publish
 from tests.support import (
     S3,
+    SLOW_WORK,
     Edge,
     Stack,
     cloud_ingest,
@@ -211,7 +212,7 @@ async def test_consumer_poison_chunk_dead_lettered_after_exactly_max_deliveries(
     against a 0.5 s limit) fails exactly INGEST_MAX_DELIVERIES (3) attempts and is then
     dead-lettered `process_timeout`; small chunks (~0.1 s of work, retried if a busy
     machine slows one down) flow past it."""
-    await edge.send(slow_chunk, 0)
+    await edge.send(slow_chunk, 0, media_duration_s=20.0)
     for seq, c in enumerate(chunks, start=1):
         await edge.send(c, seq)
     cloud = cloud_ingest(
@@ -219,8 +220,7 @@ async def test_consumer_poison_chunk_dead_lettered_after_exactly_max_deliveries(
         stack.workdir / "cloud.log",
         INGEST_PROCESS_TIMEOUT_S="0.5",
         INGEST_VISIBILITY_TIMEOUT_S="1",
-        INGEST_SAMPLE_FPS="15",
-        INGEST_RESIZE_SHORT_SIDE="720",
+        **SLOW_WORK,
         INGEST_FILTER_RECENT_CHUNKS="0",
     )
     try:
@@ -250,13 +250,12 @@ async def test_consumer_chunk_slower_than_visibility_timeout_is_processed_once(
 ) -> None:
     """Processing takes longer than INGEST_VISIBILITY_TIMEOUT_S=1; lease renewal keeps the
     reaper of the other actor away, so there is one delivery and no reclaim."""
-    await edge.send(slow_chunk, 0)
+    await edge.send(slow_chunk, 0, media_duration_s=20.0)
     cloud = cloud_ingest(
         stack,
         stack.workdir / "cloud.log",
         INGEST_VISIBILITY_TIMEOUT_S="1",
-        INGEST_SAMPLE_FPS="15",
-        INGEST_RESIZE_SHORT_SIDE="720",
+        **SLOW_WORK,
     )
     try:
 
