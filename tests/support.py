@@ -18,7 +18,6 @@ import redis.asyncio as aioredis
 
 from devstack import daemons
 from devstack.daemons import BIN, Daemon, log_events
-from devstack.proxy import HttpTap, TappedRequest
 from devstack.s3 import S3
 from edge_agent.segmenter import ClosedChunk
 from shared.keys import chunk_key, dlq_stream, manifest_key
@@ -411,52 +410,3 @@ def strict_json(text: str | bytes) -> Any:
         raise ValueError(f"{name} is not JSON")
 
     return json.loads(text, parse_constant=refuse)
-
-
-class TimedTap(HttpTap):
-    """An ``HttpTap`` that also notes when each request's answer ended (its last byte back
-    to the client), so a test can count the requests in flight at once. On one connection
-    a request's answer ends before the connection's next request starts."""
-
-    def __init__(self, upstream: str) -> None:
-        super().__init__(upstream)
-        self.answered: dict[int, float] = {}  # id(TappedRequest) -> monotonic time
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from devstack.proxy import _Parser
-
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        parser = _Parser(self)
-        mine: list[TappedRequest] = []
-
-        def outbound(data: bytes) -> bytes:
-            known = len(self.requests)
-            out = parser.feed(data)
-            mine.extend(self.requests[known:])
-            return out
-
-        def inbound(data: bytes) -> bytes:
-            if mine:
-                self.answered[id(mine[-1])] = time.monotonic()
-            return data
-
-        await asyncio.gather(
-            self._pipe(reader, up_writer, outbound, outbound=True),
-            self._pipe(up_reader, writer, inbound, outbound=False),
-            return_exceptions=True,
-        )
-
-    def most_in_flight(self, chosen: list[TappedRequest]) -> int:
-        """The most of ``chosen`` whose request had started and answer not ended at once."""
-        events = []
-        for r in chosen:
-            events += [(r.started, 1), (self.answered.get(id(r), r.started), -1)]
-        most = now = 0
-        for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # ends first at a tie
-            now += step
-            most = max(most, now)
-        return most

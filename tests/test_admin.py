@@ -11,6 +11,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from devstack.proxy import HttpTap
 from edge_agent.segmenter import ClosedChunk
 from shared.manifest import SigningKey, sign, tag_replay
 from shared.queue import publish
@@ -21,7 +22,6 @@ from tests.support import (
     SECRET,
     Edge,
     Stack,
-    TimedTap,
     cloud_ingest,
     edge_agent,
     eventually,
@@ -140,7 +140,7 @@ async def test_admin_reconcile_streams_pages_and_bounds_its_concurrency(
     total = 40
     for seq in range(total):
         await edge.send(chunks[seq % len(chunks)], seq, sidecar=True, announce=False)
-    with TimedTap(stack.s3_endpoint) as tap:
+    with HttpTap(stack.s3_endpoint) as tap:
         result = await cli(
             stack,
             "reconcile",
