@@ -103,6 +103,9 @@ class IngestSettings(BaseSettings):
         "--site {site} --window-id {window_id} --chunk-id={chunk_ids}"
     )
     job_max_concurrent: int = Field(default=4, ge=1)
+    # Each Job Submission API call (submit, list) is given up after this: a dashboard that
+    # accepts and never answers must not wedge the hand-off.
+    job_api_timeout_s: float = Field(default=30.0, gt=0)
     # Preprocess
     sample_fps: float = Field(default=2.0, gt=0, le=120)
     resize_short_side: int = Field(default=256, ge=16, le=4096)

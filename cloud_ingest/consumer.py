@@ -390,6 +390,7 @@ class Consumer:
                     await handoff.track_jobs()
                     pause = 1.0
             except Exception as exc:  # a sink or Redis failed: the window stays pending
+                self.tally.inc("handoff_retries")
                 log.warning("handoff.retry", error=repr(exc)[:300], exc_info=exc)
                 pause = 2.0
 

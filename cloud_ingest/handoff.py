@@ -14,12 +14,15 @@ and remembered per window once done: a Ray job with a deterministic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import math
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -37,6 +40,7 @@ from shared.keys import (
 from shared.manifest import Manifest
 from shared.queue import Entry, GroupConsumer, ReapCursor, ensure_group, publish
 
+T = TypeVar("T")
 HANDOFF_GROUP = "handoff"
 # KEYS: the open-window index, the windows stream. ARGV: window key, its document.
 CLOSE_SCRIPT = """
@@ -48,6 +52,45 @@ return 1
 
 class SinkBusy(Exception):
     """A sink cannot take the window now (e.g. the concurrent-job limit); retry later."""
+
+
+class TimeLimitedThread:
+    """Blocking calls (the Job Submission client: ``requests`` without a timeout) in a
+    daemon thread of their own, given up after ``timeout_s``. A call that hangs keeps its
+    thread; until it returns, further calls fail at once instead of adding threads."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._thread: threading.Thread | None = None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is not None and self._thread.is_alive():
+            raise TimeoutError(f"an earlier call is still hanging after {self.timeout_s:g}s")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if done.done():  # given up already
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        def work() -> None:
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle, result, error)
+
+        self._thread = threading.Thread(target=work, name="job-api", daemon=True)
+        self._thread.start()
+        try:
+            return await asyncio.wait_for(done, self.timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"Job API call exceeded {self.timeout_s:g}s") from None
 
 
 # -- windows -------------------------------------------------------------------
@@ -153,6 +196,7 @@ class Handoff:
         self.http: aiohttp.ClientSession | None = None
         self.tally = tally
         self.reap = ReapCursor()
+        self.jobs = TimeLimitedThread(settings.job_api_timeout_s)
 
     async def setup(self) -> None:
         await ensure_group(self.client, handoff_stream(self.settings.stream), HANDOFF_GROUP)
@@ -166,7 +210,7 @@ class Handoff:
         active: Any = await self.client.smembers(ACTIVE_JOBS)
         if not active or "ray_job" not in self.settings.handoff_sinks:
             return {}
-        statuses = await asyncio.to_thread(self._statuses, {a.decode() for a in active})
+        statuses = await self.jobs.call(self._statuses, {a.decode() for a in active})
         async with self.client.pipeline(transaction=False) as pipe:
             for submission, state in statuses.items():
                 pipe.hset(JOBS, submission, state)
@@ -237,7 +281,7 @@ class Handoff:
             return str(resp.status)
 
     async def _sink_ray_job(self, doc: dict[str, Any]) -> str:
-        submission = await asyncio.to_thread(self._submit, doc)
+        submission = await self.jobs.call(self._submit, doc)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hsetnx(JOBS, submission, "PENDING")
             pipe.sadd(ACTIVE_JOBS, submission)

@@ -244,10 +244,11 @@ class Observer:
             self.ready["redis"] = True
         except RedisError:
             self.ready["redis"] = False  # counters keep their last values
-        stats = []
-        for actor in list(self.supervisor.actors.values()):
-            with contextlib.suppress(Exception):  # restarting or dead: not counted alive
-                stats.append(await asyncio.wait_for(actor.stats.remote(), 2))
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(a.stats.remote(), 2) for a in list(self.supervisor.actors.values())),
+            return_exceptions=True,
+        )
+        stats = [s for s in answers if isinstance(s, dict)]  # others: restarting or dead
         self.ready["consumers"] = any(not s.get("paused") for s in stats)
         self.metrics.update(queue, stats, self.supervisor.restarts)
         self.refreshed = time.monotonic()

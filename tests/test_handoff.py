@@ -3,14 +3,17 @@ signed webhook (a real aiohttp server) and Ray jobs through the Job Submission A
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import io
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
@@ -281,3 +284,58 @@ async def test_handoff_every_output_is_strict_json(
     assert one["scores"]["motion"] is None and "one keyframe" in one["score_notes"]["motion"]
     assert {"motion": None} in [{"motion": s["motion"]} for s in scores]
     assert {c["chunk_id"] for c in windows[0]["chunks"]["cam1"]} == {r["chunk_id"] for r in records}
+
+
+async def test_handoff_a_dashboard_that_never_answers_is_given_up_on_and_retried(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """The Ray dashboard (Job Submission API) accepts connections and never answers. The
+    client has no timeout of its own; each call is given up after INGEST_JOB_API_TIMEOUT_S,
+    the retry is logged and counted, the window stays pending (not lost; a reaper tries it
+    again), the chunks keep flowing, and the deployment still stops at once."""
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+
+    dashboard = await asyncio.start_server(hang, "127.0.0.1", 0)
+    address = f"http://127.0.0.1:{dashboard.sockets[0].getsockname()[1]}"
+    await send_window(edge, chunks, ["cam1"])
+    port = free_port()
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S="10",
+        INGEST_WINDOW_TIMEOUT_S="600",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1"]}),
+        INGEST_HANDOFF_SINKS='["ray_job"]',
+        INGEST_JOB_ADDRESS=address,
+        INGEST_JOB_API_TIMEOUT_S="1",
+        INGEST_FILTER_RECENT_CHUNKS="0",
+        INGEST_HTTP_BIND=f"127.0.0.1:{port}",
+    )
+    retries = 'cloud_ingest_chunks_total{outcome="handoff_retries"}'
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def retried() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                        page = await resp.text()
+                except (aiohttp.ClientError, OSError):
+                    return False
+                counts = [float(x.split()[-1]) for x in page.splitlines() if x.startswith(retries)]
+                return bool(counts) and counts[0] >= 1
+
+            await eventually(retried, 60, "a given-up hand-off attempt")
+        assert len(await s3.records(stack.out_bucket)) == 5
+        asked = time.monotonic()
+        assert cloud.terminate() == 0
+        stopped_in = time.monotonic() - asked
+    finally:
+        cloud.kill()
+        dashboard.close()
+    [group] = await edge.redis.xinfo_groups("chunks:windows")
+    assert group["pending"] == 1  # the window waits for its hand-off, nothing lost
+    assert not await edge.redis.exists(f"ingest:handoff:site-1-{int(BASE_TIME.timestamp())}")
+    assert stopped_in < 15
+    assert any("Job API call exceeded 1s" in e["error"] for e in cloud.events("handoff.retry"))
