@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import threading
 from contextlib import AsyncExitStack
@@ -28,19 +27,11 @@ def _run() -> int:
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format, secret_values(settings))
-    service = EdgeService(settings)
     try:
-        code = asyncio.run(service.run())
+        return asyncio.run(EdgeService(settings).run())
     except Exception:
         logs.get("edge_agent").exception("agent.fatal")
         return 1
-    if service.forced:
-        # A second signal asked not to wait: exit without joining camera threads still
-        # closing a connection or a ledger write waiting on a lock. The spool is crash-safe;
-        # the next start resumes from it.
-        sys.stdout.flush()
-        os._exit(code)
-    return code
 
 
 def _check_config(probe: bool) -> int:

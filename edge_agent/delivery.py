@@ -33,7 +33,8 @@ from shared.manifest import Manifest
 
 log = structlog.get_logger("edge_agent")
 
-RETRYABLE = (BotoCoreError, ClientError, RedisError, *LEDGER_ERRORS)
+DEPENDENCY_ERRORS = (BotoCoreError, ClientError, RedisError)  # S3 or Redis said no
+RETRYABLE = (*DEPENDENCY_ERRORS, *LEDGER_ERRORS)
 
 
 class Delivery:
@@ -94,6 +95,8 @@ class Delivery:
             try:
                 rec = await (self._upload if stage == "upload" else self._announce)(rec, timings)
             except RETRYABLE as exc:
+                if isinstance(exc, DEPENDENCY_ERRORS):
+                    self.progress.dep_failed()  # not a stall: S3 or Redis refuses the work
                 self.metrics.delivery_retries.labels(stage).inc()
                 delay = backoff.next()
                 log.warning(
@@ -107,8 +110,14 @@ class Delivery:
 
     async def _upload(self, rec: Record, timings: dict[str, float]) -> Record:
         m = rec.manifest
+        if not self._intact(rec):
+            return await self._lost(rec)
         t0 = time.monotonic()
-        await self.uploader.upload(rec.path, m)
+        self.progress.streaming += 1
+        try:
+            await self.uploader.upload(rec.path, m)
+        finally:
+            self.progress.streaming -= 1
         elapsed = time.monotonic() - t0
         timings["upload_s"] = round(elapsed, 4)
         self.metrics.upload_seconds.observe(elapsed)
@@ -119,6 +128,29 @@ class Delivery:
         # another upload of a chunk that is in S3 already.
         await self.ledger.retry("mark_uploaded", self.spool.mark_uploaded, rec.chunk_id)
         return Record(rec.chunk_id, rec.path, "uploaded", m)
+
+    @staticmethod
+    def _intact(rec: Record) -> bool:
+        """The chunk's file is still the one committed (a size check; the cloud checks the
+        sha256): a file that vanished or changed is lost, never retried for ever."""
+        try:
+            return rec.path.stat().st_size == rec.manifest.size_bytes
+        except FileNotFoundError:
+            return False
+
+    async def _lost(self, rec: Record) -> Record:
+        m = rec.manifest
+        if await self.ledger.retry("mark_lost", self.spool.mark_lost, rec.chunk_id) is not None:
+            self.metrics.lost.labels(m.camera_id).inc()
+            log.error(
+                "chunk",
+                outcome="lost",
+                reason="file missing or changed in the spool",
+                camera_id=m.camera_id,
+                seq=m.seq,
+                chunk_id=m.chunk_id,
+            )
+        return Record(rec.chunk_id, rec.path, "lost", m)
 
     async def _announce(self, rec: Record, timings: dict[str, float]) -> Record:
         m = rec.manifest

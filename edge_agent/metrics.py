@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 
 class EdgeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # edge_agent_process_start_time_seconds (restarts), CPU, memory, open fds.
+        ProcessCollector(namespace="edge_agent", registry=r)
         cam = ["camera"]
         self.camera_up = Gauge(
             "edge_agent_camera_up", "1 while the camera delivers packets", cam, registry=r

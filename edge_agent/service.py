@@ -7,10 +7,14 @@ ledger thread, never on the loop. Every long-lived task is supervised: a crash
 is logged with its traceback, counted and the task restarted. The main loop
 pings the systemd watchdog only while the agent makes progress (``health``).
 
+Start-up: health and metrics first, then capture (into tmp/, so a ledger held
+by another process does not stop recording), then crash recovery of what the
+last run left in tmp/, then commit and delivery, then ``READY=1``.
+
 Signals: the first SIGTERM/SIGINT drains (cameras close their open chunks,
 the backlog is committed, uploaded and announced within
-``EDGE_DRAIN_TIMEOUT_S``); a second one skips the graceful waits, as uvicorn
-does: what is left stays in the spool for the next start.
+``EDGE_DRAIN_TIMEOUT_S``); a second one exits at once, as uvicorn does: what
+is left stays in the spool for the next start.
 """
 
 from __future__ import annotations
@@ -19,30 +23,31 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
 from edge_agent.camera import CameraWorker
+from edge_agent.committer import Committer
 from edge_agent.config import EdgeSettings
 from edge_agent.delivery import Delivery
 from edge_agent.health import Lane, Progress, measure_loop_lag
 from edge_agent.ledger import Ledger
 from edge_agent.metrics import EdgeMetrics
-from edge_agent.publisher import build_manifest
-from edge_agent.segmenter import ClosedChunk
-from edge_agent.spool import UNFINISHED, Freed, Limits, Position, Recovered, Spool
+from edge_agent.spool import UNFINISHED, Freed, Limits, Pruned, Recovered, Spool
 from edge_agent.uploader import RateLimit, Uploader
 from shared import systemd
 from shared.http import serve
-from shared.manifest import Manifest
 from shared.s3 import open_s3
 from shared.tasks import Supervisor
 
@@ -52,6 +57,10 @@ HOUSEKEEPING_S = 5.0
 PROBE_S = 5.0
 PROBE_TIMEOUT_S = 3.0
 PRUNE_EVERY_S = 600.0
+# systemd's start timeout is extended while recovery runs, up to this long; past it
+# systemd gives up on the start (and restarts the agent: capture goes on into tmp/).
+RECOVERY_EXTEND_MAX_S = 900.0
+FINAL_COUNTS_TIMEOUT_S = 5.0
 
 
 class EdgeService:
@@ -70,32 +79,29 @@ class EdgeService:
         )
         self.ledger = Ledger(self.spool, self.metrics)
         self.progress = Progress(settings.delivery_stall_s)
+        self.committer = Committer(settings, self.metrics, self.ledger, self.progress, self._freed)
         self.stop_capture = threading.Event()
         self._stopping = asyncio.Event()
-        self._forced = asyncio.Event()
         self._recovered = False
-        self._closed: asyncio.Queue[ClosedChunk] = asyncio.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.workers: list[CameraWorker] = []
         self.cameras: list[asyncio.Task[None]] = []
         self.delivery: Delivery | None = None
         self.tasks = Supervisor(log, lambda name: self.metrics.task_crashes.labels(name).inc())
 
-    @property
-    def forced(self) -> bool:
-        """True when a second signal cut the drain short (the caller exits at once)."""
-        return self._forced.is_set()
-
     def request_stop(self) -> None:
+        """First signal: drain. Second: exit now, skipping every graceful wait (uploads,
+        a ledger write stuck on a lock, camera threads); the spool is crash-safe."""
         if self._stopping.is_set():
-            log.warning("agent.force_stop", hint="second signal: skipping the graceful waits")
-            self._forced.set()
+            log.warning("agent.force_stop", hint="second signal: exiting without draining")
+            sys.stdout.flush()
+            os._exit(0)
         self._stopping.set()
 
     # -- start-up -----------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self.committer.bind(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         # aiohttp reads upload bodies in the default executor, and a bandwidth cap makes
@@ -104,29 +110,34 @@ class EdgeService:
             ThreadPoolExecutor(self.settings.upload_concurrency + 4, thread_name_prefix="io")
         )
         async with AsyncExitStack() as stack:
-            stack.push_async_callback(self._close_ledger)
+            stack.push_async_callback(self.ledger.close)
             s3, redis = await self._clients(stack)
             await self._serve_http(stack, s3, redis)
             stack.push_async_callback(self.tasks.stop)  # first out: before the clients close
             self.tasks.start("loop_lag", lambda: measure_loop_lag(self.metrics.loop_lag))
             self.tasks.start("probe", lambda: self._probe_loop(s3, redis))
-            backlog = await self._recover()
-            self._start_delivery(s3, redis, backlog)
-            self._start_cameras()
-            self.tasks.start("housekeeping", self._housekeeping)
-            systemd.notify("READY=1")
-            log.info("agent.started", cameras=len(self.cameras), device_id=self.settings.device_id)
-            await self._main_loop()
+            crashed = await self.ledger.retry("partials", self.spool.partials)
+            self._start_cameras()  # before recovery: capture never waits for the ledger
+            backlog = await self._recover(crashed)
+            if backlog is not None:
+                self._start_delivery(s3, redis, backlog)
+                self.tasks.start("housekeeping", self._housekeeping)
+                systemd.notify("READY=1")
+                log.info("agent.started", cameras=len(self.cameras), backlog=len(backlog))
+                await self._main_loop()
             systemd.notify("STOPPING=1")
             await self._drain()
         return 0
 
-    async def _close_ledger(self) -> None:
-        if not self.forced:  # forced: the process exits now; a write may be stuck on a lock
-            await self.ledger.close()
-
     async def _clients(self, stack: AsyncExitStack) -> tuple[Any, aioredis.Redis]:
-        s3 = await open_s3(stack, self.settings.s3_endpoint_url, self.settings.s3_region)
+        s3 = await open_s3(
+            stack,
+            self.settings.s3_endpoint_url,
+            self.settings.s3_region,
+            # Every upload holds a connection for as long as it streams: leave room for
+            # the probe's HeadBucket and the sidecars.
+            max_connections=self.settings.upload_concurrency + 4,
+        )
         redis = aioredis.from_url(
             self.settings.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
         )
@@ -144,28 +155,46 @@ class EdgeService:
         )
         stack.push_async_callback(runner.cleanup)
 
-    async def _recover(self) -> list[str]:
-        """Crash recovery on the ledger thread, finished before READY=1; systemd's start
-        timeout is extended while it runs (its watchdog starts with READY=1)."""
+    async def _recover(self, crashed: list[Path]) -> list[str] | None:
+        """Crash recovery of the partials the last run left (``crashed``, listed before
+        capture started), on the ledger thread; the backlog to deliver, or None when a stop
+        was asked for first. Findings are reported even if an attempt failed halfway."""
+        found = Recovered()
+        pruned: list[Pruned] = []
+        work = asyncio.ensure_future(self._recovery(crashed, found, pruned))
         keepalive = asyncio.create_task(self._while_starting())
+        stop = asyncio.ensure_future(self._stopping.wait())
         try:
-            found = await self.ledger.retry("recover", self.spool.recover, self._manifest_for)
-            pruned = await self.ledger.retry("prune_quarantine", self.spool.prune_quarantine)
-            backlog = await self.ledger.retry("unfinished", self.spool.unfinished)
-            counts = await self.ledger.retry("counts", self.spool.counts)
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             keepalive.cancel()
-        self._account(found)
-        self._freed(Freed(found.freed.evicted, found.freed.pruned + pruned))
+            stop.cancel()
+            self._account(found)
+            self._freed(Freed(found.freed.evicted, found.freed.pruned + pruned))
+        if not work.done():
+            work.cancel()
+            log.warning("agent.stopped_during_recovery")
+            return None
+        backlog, counts = work.result()
         self._recovered = True
         # The ledger's counts go in a field of their own: a state name ("lost") is also one
         # of recovery's counts (spreading both crashed the start-up once a chunk was lost).
         log.info("spool.recovered", backlog=len(backlog), ledger=counts, **found.as_dict())
         return backlog
 
-    @staticmethod
-    async def _while_starting() -> None:
-        while True:
+    async def _recovery(
+        self, crashed: list[Path], found: Recovered, pruned: list[Pruned]
+    ) -> tuple[list[str], dict[str, int]]:
+        spool = self.spool
+        await self.ledger.retry("recover", spool.recover, self.committer.manifest, found, crashed)
+        await self.ledger.retry("prune_quarantine", spool.prune_quarantine, None, pruned)
+        backlog = await self.ledger.retry("unfinished", spool.unfinished)
+        return backlog, await self.ledger.retry("counts", spool.counts)
+
+    async def _while_starting(self) -> None:
+        """Extend systemd's start timeout while recovery runs, for a bounded time."""
+        started = time.monotonic()
+        while time.monotonic() - started < RECOVERY_EXTEND_MAX_S:
             systemd.notify(f"EXTEND_TIMEOUT_USEC={int(4 * PROBE_S * 1_000_000)}")
             await asyncio.sleep(PROBE_S)
 
@@ -189,16 +218,17 @@ class EdgeService:
             multipart_threshold=self.settings.multipart_threshold_bytes,
             part_size=self.settings.multipart_part_bytes,
             rate=RateLimit(self.settings.upload_max_bps),
-            on_read=lambda: self.progress.moved("delivery"),
+            on_read=self.progress.streamed,
         )
         delivery = self.delivery = Delivery(
             self.settings, self.metrics, self.ledger, self.progress, uploader, redis, s3
         )
         for chunk_id in backlog:
             delivery.ready.put_nowait(chunk_id)
+        self.progress.restart()  # however long recovery took, the clocks start now
         for i in range(self.settings.upload_concurrency):
             self.tasks.start(f"delivery-{i}", delivery.worker)
-        self.tasks.start("commit", self._commit_loop)
+        self.tasks.start("commit", lambda: self.committer.run(delivery.ready))
 
     def _start_cameras(self) -> None:
         self.workers = [
@@ -206,7 +236,7 @@ class EdgeService:
                 cam,
                 self.settings,
                 self.spool.tmp_dir,
-                self._chunk_closed,
+                self.committer.chunk_closed,
                 self.metrics,
                 self.stop_capture,
             )
@@ -245,7 +275,7 @@ class EdgeService:
         if self.delivery is None:  # still recovering
             return []
         lanes: list[tuple[Lane, int]] = [
-            ("commit", self._closed.qsize()),
+            ("commit", self.committer.waiting()),
             ("delivery", self.delivery.waiting()),
         ]
         return [lane for lane, n in lanes if self.progress.stalled(lane, n)]
@@ -278,17 +308,22 @@ class EdgeService:
 
     async def _housekeeping(self) -> None:
         """Limits, quarantine and ledger pruning, gauges: every few seconds."""
-        pruned_at = 0.0
+        prune_at = 0.0
         while True:
-            freed = await self.ledger.retry("enforce_limits", self.spool.enforce_limits)
-            pruned = await self.ledger.retry("prune_quarantine", self.spool.prune_quarantine)
-            self._freed(Freed(freed.evicted, freed.pruned + pruned))
-            if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
+            freed = Freed()
+            try:
+                await self.ledger.retry("enforce_limits", self.spool.enforce_limits, None, freed)
+                await self.ledger.retry(
+                    "prune_quarantine", self.spool.prune_quarantine, None, freed.pruned
+                )
+            finally:
+                self._freed(freed)
+            if time.monotonic() >= prune_at:
                 cutoff = time.time() - self.settings.ledger_retention_s
-                rows = await self.ledger.retry("prune", self.spool.prune, cutoff)
-                pruned_at = time.monotonic()
+                rows, more = await self.ledger.retry("prune", self.spool.prune, cutoff)
+                prune_at = time.monotonic() + (0 if more else PRUNE_EVERY_S)
                 if rows:
-                    log.info("ledger.pruned", rows=rows)
+                    log.info("ledger.pruned", rows=rows, more=more)
             await self._gauges()
             await asyncio.sleep(HOUSEKEEPING_S)
 
@@ -308,34 +343,39 @@ class EdgeService:
 
     async def _drain(self) -> None:
         """Stop capture (closing open chunks), then commit, upload and announce what is
-        left, within EDGE_DRAIN_TIMEOUT_S, or until a second signal."""
-        assert self.delivery is not None
-        log.info("agent.draining", backlog=self.delivery.waiting(), closing=self._closed.qsize())
+        left, within EDGE_DRAIN_TIMEOUT_S."""
+        delivery = self.delivery
+        log.info(
+            "agent.draining",
+            to_commit=self.committer.waiting(),
+            to_deliver=0 if delivery is None else delivery.waiting(),
+        )
         deadline = time.monotonic() + self.settings.drain_timeout_s
         self.stop_capture.set()
         if self.cameras:
             await self._until(asyncio.wait(self.cameras), deadline)
-        await self._until(self._closed.join(), deadline)
-        if not await self._until(self.delivery.ready.join(), deadline):
-            log.warning(
-                "agent.drain_incomplete",
-                forced=self.forced,
-                left_to_commit=self._closed.qsize(),
-                left_to_deliver=self.delivery.waiting(),
-            )
+        if delivery is not None:  # else recovery never finished: tmp/ keeps the chunks
+            await self._until(self.committer.closed.join(), deadline)
+            if not await self._until(delivery.ready.join(), deadline):
+                log.warning(
+                    "agent.drain_incomplete",
+                    left_to_commit=self.committer.waiting(),
+                    left_to_deliver=delivery.waiting(),
+                )
         await self.tasks.stop()
-        counts = {} if self.forced else await self.ledger.retry("counts", self.spool.counts)
-        log.info("agent.stopped", **self._totals(), spool=counts, forced=self.forced)
+        counts: dict[str, int] = {}
+        with contextlib.suppress(Exception):  # a ledger held elsewhere must not stall the exit
+            counts = await asyncio.wait_for(
+                self.ledger.call(self.spool.counts), FINAL_COUNTS_TIMEOUT_S
+            )
+        log.info("agent.stopped", **self._totals(), spool=counts)
 
-    async def _until(self, work: Awaitable[Any], deadline: float) -> bool:
-        """Wait for ``work`` until the deadline or a second signal; True if it finished."""
-        job = asyncio.ensure_future(work)
-        force = asyncio.ensure_future(self._forced.wait())
-        timeout = max(0.1, deadline - time.monotonic())
-        await asyncio.wait({job, force}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        force.cancel()
-        if not job.done():
-            job.cancel()
+    @staticmethod
+    async def _until(work: Awaitable[Any], deadline: float) -> bool:
+        """Wait for ``work`` until the deadline; True if it finished."""
+        try:
+            await asyncio.wait_for(work, max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
             return False
         return True
 
@@ -357,39 +397,10 @@ class EdgeService:
             )
         return out
 
-    # -- commit (closed chunks → ledger) ------------------------------------------------
-
-    def _chunk_closed(self, chunk: ClosedChunk) -> None:
-        """Called on a camera thread: hand the chunk to the loop, never wait for SQLite."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._closed.put_nowait, chunk)
-
-    async def _commit_loop(self) -> None:
-        while True:
-            chunk = await self._closed.get()
-            try:
-                await self._commit(chunk)
-            except BaseException:
-                self._closed.put_nowait(chunk)  # never dropped; its file is still in tmp/
-                raise
-            finally:
-                self._closed.task_done()
-
-    async def _commit(self, chunk: ClosedChunk) -> None:
-        """Row, final name, limits: each step retried until the ledger and disk allow it
-        (a failed row transaction leaves nothing behind, so retrying it is safe)."""
-        manifest = await self.ledger.retry("record", self.spool.record, chunk, self._manifest_for)
-        await self.ledger.retry("place", self.spool.place, chunk, manifest)
-        self.metrics.written.labels(chunk.camera_id).inc()
-        self.progress.moved("commit")
-        assert self.delivery is not None
-        self.delivery.ready.put_nowait(manifest.chunk_id)
-        freed = await self.ledger.retry(
-            "enforce_limits", self.spool.enforce_limits, manifest.chunk_id
-        )
-        self._freed(freed)
+    # -- accounting ---------------------------------------------------------------------
 
     def _freed(self, freed: Freed) -> None:
+        """Every eviction and pruned quarantine file: a canonical line and a metric."""
         for rec in freed.evicted:
             m = rec.manifest
             self.metrics.evicted.labels(m.camera_id).inc()
@@ -406,6 +417,3 @@ class EdgeService:
         for p in freed.pruned:
             self.metrics.quarantine_pruned.labels(p.reason).inc()
             log.warning("quarantine.pruned", file=p.name, bytes=p.size_bytes, reason=p.reason)
-
-    def _manifest_for(self, chunk: ClosedChunk, seq: int, prev: Position) -> Manifest:
-        return build_manifest(self.settings, chunk, seq, prev)

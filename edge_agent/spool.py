@@ -16,6 +16,7 @@ evicting one are decided under one lock, so a chunk is never both.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -65,11 +66,12 @@ CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state, created);
 """
 # Finished rows to prune, oldest first, a batch at a time (rowid subqueries: SQLite's
 # DELETE has no LIMIT without a compile option).
+# A gap row is declared once a later chunk of its camera was announced: compared with
+# the camera's announced high-water mark, one primary-key lookup per row.
 _PRUNE_GAPS = """
 DELETE FROM chunks WHERE rowid IN (
-    SELECT c.rowid FROM chunks c WHERE c.state IN ('evicted', 'lost') AND c.created < ?
-    AND EXISTS (SELECT 1 FROM chunks a
-                WHERE a.camera_id = c.camera_id AND a.seq > c.seq AND a.state = 'announced')
+    SELECT c.rowid FROM chunks c JOIN cameras k ON k.camera_id = c.camera_id
+    WHERE c.state IN ('evicted', 'lost') AND c.created < ? AND c.seq < k.announced_seq
     LIMIT ?)
 """
 _PRUNE_ANNOUNCED = """
@@ -152,6 +154,14 @@ class Recovered:
 ManifestFactory = Callable[[ClosedChunk, int, Position], Manifest]
 
 
+def _tombstone(m: Manifest) -> str:
+    """What an evicted or lost row keeps of its manifest: enough to declare the gap (a
+    tenth of the whole manifest; during a long outage such rows pile up by the thousand)."""
+    doc = {"chunk_id": m.chunk_id, "camera_id": m.camera_id, "seq": m.seq}
+    doc["span_s"] = m.media_duration_s + m.gap_before_s
+    return json.dumps(doc)
+
+
 class Spool:
     def __init__(
         self, root: Path, limits: Limits | None = None, *, busy_timeout_s: float = 30.0
@@ -170,6 +180,14 @@ class Spool:
         self._busy: set[str] = set()  # chunks claimed for delivery: never evicted
         self._busy_lock = threading.Lock()  # claim and evict decide under it
         self._db().executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Ledgers written by earlier versions lack the announced high-water mark."""
+        db = self._db()
+        columns = {r[1] for r in db.execute("PRAGMA table_info(cameras)")}
+        if "announced_seq" not in columns:
+            db.execute("ALTER TABLE cameras ADD COLUMN announced_seq INTEGER")
 
     # -- connections ------------------------------------------------------------
 
@@ -233,7 +251,7 @@ class Spool:
                     manifest.chunk_id,
                     chunk.camera_id,
                     manifest.seq,
-                    str(self.final_path(manifest)),
+                    str(self.final_path(manifest).relative_to(self.root)),
                     WRITTEN,
                     manifest.model_dump_json(),
                     chunk.size_bytes,
@@ -242,7 +260,8 @@ class Spool:
                 ),
             )
             db.execute(
-                "INSERT INTO cameras VALUES (?, ?, ?, ?) ON CONFLICT(camera_id) DO UPDATE SET "
+                "INSERT INTO cameras (camera_id, next_seq, media_end_s, wall_end) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(camera_id) DO UPDATE SET "
                 "next_seq = excluded.next_seq, media_end_s = excluded.media_end_s, "
                 "wall_end = excluded.wall_end",
                 (chunk.camera_id, manifest.seq + 1, chunk.media_end_s, chunk.wall_end.isoformat()),
@@ -264,17 +283,37 @@ class Spool:
 
     # -- reads ------------------------------------------------------------------
 
+    def _path(self, stored: str) -> Path:
+        """A row's file under this spool root. Rows keep ``camera/file`` (older ones an
+        absolute path, of which the same two parts count), so a spool moved to another
+        disk or mount point keeps its backlog."""
+        p = Path(stored)
+        return self.root / p.parent.name / p.name
+
+    def state(self, chunk_id: str) -> tuple[str, Path] | None:
+        """(state, file) of a row, whatever its state."""
+        row = (
+            self._db()
+            .execute("SELECT state, path FROM chunks WHERE chunk_id = ?", (chunk_id,))
+            .fetchone()
+        )
+        return None if row is None else (str(row[0]), self._path(row[1]))
+
     def get(self, chunk_id: str) -> Record | None:
+        """A chunk with its manifest; None for an unknown one and for an evicted or lost one
+        (their rows keep only what declares the gap: see ``state``)."""
         row = (
             self._db()
             .execute(
-                "SELECT chunk_id, path, state, manifest FROM chunks WHERE chunk_id = ?", (chunk_id,)
+                "SELECT chunk_id, path, state, manifest FROM chunks WHERE chunk_id = ? "
+                "AND state NOT IN (?, ?)",
+                (chunk_id, EVICTED, LOST),
             )
             .fetchone()
         )
         if row is None:
             return None
-        return Record(row[0], Path(row[1]), row[2], Manifest.model_validate_json(row[3]))
+        return Record(row[0], self._path(row[1]), row[2], Manifest.model_validate_json(row[3]))
 
     def unfinished(self) -> list[str]:
         """Chunks not yet announced, oldest first (backfill order)."""
@@ -329,8 +368,9 @@ class Spool:
         for row_seq, state, doc in rows:
             if row_seq != expected or state not in (EVICTED, LOST):
                 break
-            m = Manifest.model_validate_json(doc)
-            gap += m.media_duration_s + m.gap_before_s
+            kept = json.loads(doc)  # a tombstone (or a whole manifest, from older versions)
+            whole = kept.get("media_duration_s", 0.0) + kept.get("gap_before_s", 0.0)
+            gap += kept.get("span_s", whole)
             count += 1
             expected -= 1
         return gap, count
@@ -342,8 +382,10 @@ class Spool:
         evicted) or another worker holds it. Decided under the same lock as eviction: a
         claimed chunk is never evicted, an evicted one is never claimed."""
         with self._busy_lock:
+            if chunk_id in self._busy:
+                return None
             rec = self.get(chunk_id)
-            if rec is None or rec.state not in UNFINISHED or chunk_id in self._busy:
+            if rec is None or rec.state not in UNFINISHED:
                 return None
             self._busy.add(chunk_id)
             return rec
@@ -356,12 +398,46 @@ class Spool:
         """In S3 now (the manifest lives in the ledger): the file goes. Unlinked whenever
         the row is past ``written``, so a retry after a failed unlink still frees it."""
         self._set_state(chunk_id, UPLOADED, WRITTEN)
-        rec = self.get(chunk_id)
-        if rec is not None and rec.state != WRITTEN:
-            rec.path.unlink(missing_ok=True)
+        found = self.state(chunk_id)
+        if found is not None and found[0] != WRITTEN:
+            found[1].unlink(missing_ok=True)
 
     def mark_announced(self, chunk_id: str) -> None:
-        self._set_state(chunk_id, ANNOUNCED, UPLOADED)
+        """Announced: done. Also raises the camera's announced high-water mark, which tells
+        the pruner which gaps have been declared."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE chunks SET state = ?, updated = ? WHERE chunk_id = ? AND state = ? "
+                "RETURNING camera_id, seq",
+                (ANNOUNCED, time.time(), chunk_id, UPLOADED),
+            )
+            for camera_id, seq in cur.fetchall():
+                db.execute(
+                    "UPDATE cameras SET announced_seq = MAX(COALESCE(announced_seq, -1), ?) "
+                    "WHERE camera_id = ?",
+                    (seq, camera_id),
+                )
+
+    def mark_lost(self, chunk_id: str) -> Record | None:
+        """A waiting chunk whose file vanished or changed on disk: lost (a declared gap, like
+        an eviction), never retried for ever. What is left of the file is quarantined.
+        Returns the chunk as it was, or None if it was not waiting."""
+        rec = self.get(chunk_id)
+        if rec is None or rec.state != WRITTEN or not self._gone(rec, LOST):
+            return None
+        if rec.path.exists():
+            self.quarantine(rec.path)
+        return rec
+
+    def _gone(self, rec: Record, state: str) -> bool:
+        """``written`` → evicted or lost, keeping only the row's tombstone."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE chunks SET state = ?, updated = ?, manifest = ? "
+                "WHERE chunk_id = ? AND state = ?",
+                (state, time.time(), _tombstone(rec.manifest), rec.chunk_id, WRITTEN),
+            )
+        return bool(cur.rowcount)
 
     def _set_state(self, chunk_id: str, state: str, expected: str) -> bool:
         with self._tx() as db:
@@ -371,20 +447,25 @@ class Spool:
             )
         return bool(cur.rowcount)
 
-    def prune(self, older_than: float, batch: int = 1000) -> int:
-        """Delete finished rows committed before ``older_than`` (epoch seconds), a batch
-        per transaction. An evicted or lost row goes only once a later chunk of its camera
-        was announced (the manifest that declared its gap); seq and timelines live in the
-        cameras table and are never pruned."""
-        deleted = 0
+    def prune(self, older_than: float, batch: int = 1000, batches: int = 10) -> tuple[int, bool]:
+        """Delete finished rows committed before ``older_than`` (epoch seconds), in at most
+        ``batches`` transactions of ``batch`` rows, so one call never holds the ledger for
+        long. Returns (rows deleted, whether more may be left). An evicted or lost row goes
+        only once a later chunk of its camera was announced (the manifest that declared its
+        gap); seq and timelines live in the cameras table and are never pruned."""
+        deleted, budget, more = 0, batches, False
         for sql in (_PRUNE_GAPS, _PRUNE_ANNOUNCED):
             while True:
+                if budget == 0:
+                    more = True
+                    break
+                budget -= 1
                 with self._tx() as db:
                     n = db.execute(sql, (older_than, batch)).rowcount
                 deleted += n
                 if n < batch:
                     break
-        return deleted
+        return deleted, more
 
     # -- limits -----------------------------------------------------------------
 
@@ -393,11 +474,12 @@ class Spool:
         used = self.pending_bytes() + self.quarantine_bytes()
         return used > self.limits.max_bytes or free < self.limits.min_free_bytes
 
-    def enforce_limits(self, newest: str | None = None) -> Freed:
+    def enforce_limits(self, newest: str | None = None, freed: Freed | None = None) -> Freed:
         """Until under the byte limit and above the free-disk margin: drop quarantined
         files first (oldest first; they can never be uploaded), then evict chunks by
-        policy, never one claimed for delivery."""
-        freed = Freed()
+        policy, never one claimed for delivery. What goes is added to ``freed`` as it goes,
+        so a caller that retries after a failure still reports every eviction."""
+        freed = Freed() if freed is None else freed
         with self._busy_lock:
             while self._over_limits():
                 pruned = self._drop_quarantined("spool_limit")
@@ -405,19 +487,19 @@ class Spool:
                     freed.pruned.append(pruned)
                     continue
                 victim = self._victim(newest)
-                if victim is None:
+                rec = None if victim is None else self.get(victim)
+                if rec is None:
                     break
-                if self._set_state(victim, EVICTED, WRITTEN):
-                    rec = self.get(victim)
-                    assert rec is not None
-                    rec.path.unlink(missing_ok=True)
+                if self._gone(rec, EVICTED):
                     freed.evicted.append(rec)
+                    rec.path.unlink(missing_ok=True)
         return freed
 
     def _victim(self, newest: str | None) -> str | None:
         """The next chunk to evict (the caller holds the busy lock)."""
         if self.limits.policy == "newest" and newest is not None:
-            ok = newest not in self._busy and self._state(newest) == WRITTEN
+            found = self.state(newest)
+            ok = newest not in self._busy and found is not None and found[0] == WRITTEN
             return newest if ok else None
         order = "ASC" if self.limits.policy == "oldest" else "DESC"
         for (chunk_id,) in self._db().execute(
@@ -462,11 +544,13 @@ class Spool:
         path.unlink(missing_ok=True)
         return Pruned(path.name, size, reason)
 
-    def prune_quarantine(self, now: float | None = None) -> list[Pruned]:
+    def prune_quarantine(
+        self, now: float | None = None, out: list[Pruned] | None = None
+    ) -> list[Pruned]:
         """Remove quarantined files past their age limit, then the oldest until the
-        quarantine is within its own byte limit."""
+        quarantine is within its own byte limit (added to ``out`` as they go)."""
         now = time.time() if now is None else now
-        out = []
+        out = [] if out is None else out
         files = self._quarantined()
         total = sum(size for _, size, _ in files)
         for mtime, size, path in files:
@@ -481,40 +565,44 @@ class Spool:
             out.append(Pruned(path.name, size, reason))
         return out
 
-    def _state(self, chunk_id: str) -> str | None:
-        row = (
-            self._db()
-            .execute("SELECT state FROM chunks WHERE chunk_id = ?", (chunk_id,))
-            .fetchone()
-        )
-        return None if row is None else str(row[0])
-
     # -- recovery ---------------------------------------------------------------
 
-    def recover(self, make_manifest: ManifestFactory) -> Recovered:
-        """After a crash: finish interrupted renames, salvage partial chunks, quarantine the
-        rest, and remove the files that finished rows left behind.
+    def recover(
+        self,
+        make_manifest: ManifestFactory,
+        out: Recovered | None = None,
+        partials: list[Path] | None = None,
+    ) -> Recovered:
+        """After a crash: finish interrupted renames, salvage partial chunks (``partials``,
+        by default every file in tmp/), quarantine the rest, and remove the files that
+        finished rows left behind. Findings are added to ``out`` as they are made, so a
+        caller that retries after a failure still reports them all.
 
         A ``written`` row whose file is gone is marked ``lost`` (a gap the next
         manifest reports) rather than uploaded as if it were good.
         """
-        out = Recovered()
-        partials = {p.name: p for p in self.tmp_dir.glob("*.partial") if p.is_file()}
+        out = Recovered() if out is None else out
+        found = self.partials() if partials is None else partials
+        partials_by_name = {p.name: p for p in found if p.exists()}
         for chunk_id in self.unfinished():
             rec = self.get(chunk_id)
             if rec is None or rec.state != WRITTEN or rec.path.exists():
                 continue
-            partial = self._partial_for(rec, partials)
+            partial = self._partial_for(rec, partials_by_name)
             if partial is not None:
                 os.replace(partial, rec.path)
-                del partials[partial.name]
+                del partials_by_name[partial.name]
                 out.renamed += 1
-            elif self._set_state(chunk_id, LOST, WRITTEN):
+            elif self._gone(rec, LOST):
                 out.lost.append(rec)
-        for path in sorted(partials.values()):
+        for path in sorted(partials_by_name.values()):
             self._salvage(path, make_manifest, out)
         self._sweep(out)
         return out
+
+    def partials(self) -> list[Path]:
+        """The chunk files in tmp/ now: what a crash left (before capture starts again)."""
+        return sorted(p for p in self.tmp_dir.glob("*.partial") if p.is_file())
 
     def _salvage(self, path: Path, make_manifest: ManifestFactory, out: Recovered) -> None:
         try:
@@ -541,11 +629,11 @@ class Spool:
                 continue
             for path in cam_dir.glob("*.mp4"):
                 match = _CHUNK_FILE.match(path.name)
-                rec = self.get(match.group(1)) if match else None
-                if rec is None or rec.path != path:
+                found = self.state(match.group(1)) if match else None
+                if found is None or found[1] != path:
                     self.quarantine(path)
                     out.orphaned += 1
-                elif rec.state != WRITTEN:
+                elif found[0] != WRITTEN:
                     path.unlink(missing_ok=True)
                     out.removed += 1
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -32,6 +33,7 @@ from typing import Any
 from shared.manifest import Manifest
 
 MIB = 1024 * 1024
+ABORT_TIMEOUT_S = 5.0
 READ_SIZE = MIB  # per read() while hashing: large enough to amortise the calls
 
 
@@ -111,6 +113,9 @@ class FileRange(io.RawIOBase):
         if n <= 0:
             return b""
         if self._rate is not None:
+            # At a low cap a whole 64 KiB read would leave each connection idle for seconds
+            # (long enough for a server's idle timeout): send a quarter second's worth.
+            n = min(n, max(4096, self._rate.rate // 4))
             self._rate.take(n)
         # pread: no shared file position, so a read never depends on an earlier seek.
         data = os.pread(self._fd, n, self._offset + self._pos)
@@ -226,10 +231,13 @@ class Uploader:
             raise
 
     async def _abort(self, m: Manifest, upload_id: str) -> None:
-        try:
-            await self.s3.abort_multipart_upload(Bucket=m.bucket, Key=m.key, UploadId=upload_id)
-        except Exception:  # best effort: lifecycle rules clean up what is left
-            return
+        """Best effort and bounded (S3 may be unreachable: that may be why we are here);
+        a bucket lifecycle rule for incomplete multipart uploads cleans up what is left."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.s3.abort_multipart_upload(Bucket=m.bucket, Key=m.key, UploadId=upload_id),
+                ABORT_TIMEOUT_S,
+            )
 
 
 def _metadata(m: Manifest) -> dict[str, str]:

@@ -10,7 +10,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 
-def s3_config() -> AioConfig:
+def s3_config(max_connections: int = 10) -> AioConfig:
     # payload_signing_enabled=False: over plain http botocore would otherwise read every
     # request body on the event loop to sha256-sign it (an 8 MiB part: ~20 ms of loop time,
     # and a read that no bandwidth cap can pace). Integrity does not depend on it: uploads
@@ -22,15 +22,22 @@ def s3_config() -> AioConfig:
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
+        max_pool_connections=max_connections,
     )
 
 
-async def open_s3(stack: AsyncExitStack, endpoint_url: str | None, region: str) -> Any:
-    """Enter one S3 client for the life of the process (or actor)."""
+async def open_s3(
+    stack: AsyncExitStack, endpoint_url: str | None, region: str, *, max_connections: int = 10
+) -> Any:
+    """Enter one S3 client for the life of the process (or actor). ``max_connections``:
+    its connection pool (botocore's default is 10; a request beyond waits for one)."""
     session = get_session()
     return await stack.enter_async_context(
         session.create_client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=s3_config()
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=s3_config(max_connections),
         )
     )
 

@@ -23,6 +23,13 @@ HEALTHY_RUN_S = 30.0
 TaskFactory = Callable[[], Awaitable[None]]
 
 
+def _cancelled_here() -> bool:
+    """Is this task itself being cancelled (shutdown), rather than handed a CancelledError
+    by something it awaited?"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Supervisor:
     """Starts named tasks and keeps them running until ``stop()``."""
 
@@ -60,20 +67,26 @@ class Supervisor:
             try:
                 await factory()
             except asyncio.CancelledError:
-                raise
+                if _cancelled_here():
+                    raise
+                await self._crashed(name, backoff, started)  # leaked from below: a crash
+                continue
             except Exception:
-                if time.monotonic() - started >= HEALTHY_RUN_S:
-                    backoff.reset()
-                delay = backoff.next()
-                self.crashes[name] += 1
-                if self.on_crash is not None:
-                    self.on_crash(name)
-                self.log.exception("task.crashed", task=name, restart_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+                await self._crashed(name, backoff, started)
                 continue
             if not restart_on_return:
                 return
             await asyncio.sleep(backoff.next())
+
+    async def _crashed(self, name: str, backoff: Backoff, started: float) -> None:
+        if time.monotonic() - started >= HEALTHY_RUN_S:
+            backoff.reset()
+        delay = backoff.next()
+        self.crashes[name] += 1
+        if self.on_crash is not None:
+            self.on_crash(name)
+        self.log.exception("task.crashed", task=name, restart_in_s=round(delay, 2))
+        await asyncio.sleep(delay)
 
     def done(self, name: str) -> bool:
         """True once task ``name`` returned for good (never true for a crashing task)."""

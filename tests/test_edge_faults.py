@@ -24,6 +24,8 @@ import redis.asyncio as aioredis
 
 from devstack.s3 import S3
 from devstack.servers import RedisServer, RtspServer, SeaweedS3, free_port
+from edge_agent.segmenter import partial_name
+from edge_agent.spool import Spool
 from tests.support import (
     Daemon,
     NotifySocket,
@@ -32,6 +34,7 @@ from tests.support import (
     eventually,
     log_events,
     report_figures,
+    segment_file,
 )
 
 
@@ -422,7 +425,8 @@ async def test_fault_ledger_locked_past_busy_timeout_while_s3_returns(
     own_stack: tuple[Stack, RedisServer, SeaweedS3], rtsp_server: RtspServer
 ) -> None:
     """1. The agent runs (1 s chunks; a ledger write gives up after 1 s; wedged after 5 s
-    without progress; systemd watchdog of 2 s). 2. S3 dies; chunks spool. 3. Another
+    without progress; systemd watchdog of 2 s; one upload worker, so once it waits on the
+    ledger nothing else can move). 2. S3 dies; chunks spool. 3. Another
     process takes the ledger's write lock and holds it. 4. S3 comes back: uploads finish,
     and every ledger write behind them fails with "database is locked", again and again.
     5. With S3 and Redis answering and nothing moving, the agent says it is wedged:
@@ -440,6 +444,7 @@ async def test_fault_ledger_locked_past_busy_timeout_while_s3_returns(
         EDGE_HTTP_BIND=f"127.0.0.1:{port}",
         EDGE_LEDGER_BUSY_TIMEOUT_S="1",
         EDGE_DELIVERY_STALL_S="5",
+        EDGE_UPLOAD_CONCURRENCY="1",
         NOTIFY_SOCKET=str(notify.path),
         WATCHDOG_USEC="2000000",
     )
@@ -448,27 +453,17 @@ async def test_fault_ledger_locked_past_busy_timeout_while_s3_returns(
         await eventually(lambda: _announced(edge, 2), 60, "chunks before the outage")
         s3.kill()
         await eventually(lambda: _written_at_least(stack, 3), 30, "chunks spooled")
-        holder = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            HOLD_LEDGER,
-            str(stack.workdir / "spool" / "ledger.sqlite3"),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert holder.stdout is not None and holder.stdin is not None
-        assert (await holder.stdout.readline()).strip() == b"locked"
+        holder = await hold_ledger(stack)
         locked_at = time.monotonic()
         s3.start()
         up_at = time.monotonic()
         await eventually(lambda: _ready(port, "delivery", False), 60, "the agent to say wedged")
-        wedged_after_s = time.monotonic() - up_at
+        wedged_after_s = time.monotonic() - locked_at
         await asyncio.sleep(0.5)  # a ping decided just before may still be in flight
         quiet_from = time.monotonic()
         await asyncio.sleep(3)
         pings_while_wedged = notify.count("WATCHDOG=1", since=quiet_from)
-        holder.stdin.close()
-        await asyncio.wait_for(holder.wait(), 10)
+        await release(holder)
         held_s = time.monotonic() - locked_at
         released_at = time.monotonic()
         await eventually(lambda: _drained(stack), 90, "the backlog to drain")
@@ -484,14 +479,14 @@ async def test_fault_ledger_locked_past_busy_timeout_while_s3_returns(
         crashes = await _metric_sum(port, "edge_agent_task_crashes_total")
         assert edge.terminate() == 0
     finally:
-        if holder is not None and holder.returncode is None:
-            holder.kill()
+        await release(holder)
         edge.kill()
         notify.close()
     figures = await audit(stack)
     figures.update(
         lock_held_s=round(held_s, 1),
-        wedged_after_s3_up_s=round(wedged_after_s, 1),
+        wedged_after_lock_s=round(wedged_after_s, 1),
+        s3_back_after_lock_s=round(up_at - locked_at, 1),
         watchdog_pings_while_wedged=pings_while_wedged,
         ledger_retries=retries,
         task_crashes=crashes,
@@ -506,6 +501,32 @@ async def test_fault_ledger_locked_past_busy_timeout_while_s3_returns(
     [chunks] = timelines(figures["stream"]).values()
     assert [m["seq"] for m in chunks] == list(range(len(chunks)))
     assert unflagged_gaps(chunks) == []
+
+
+async def hold_ledger(stack: Stack) -> asyncio.subprocess.Process:
+    """Another process holding the ledger's write lock until its stdin closes."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLD_LEDGER,
+        str(stack.workdir / "spool" / "ledger.sqlite3"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    assert (await holder.stdout.readline()).strip() == b"locked"
+    return holder
+
+
+async def release(holder: asyncio.subprocess.Process | None) -> None:
+    if holder is None or holder.returncode is not None:
+        return
+    assert holder.stdin is not None
+    holder.stdin.close()
+    try:
+        await asyncio.wait_for(holder.wait(), 10)
+    except TimeoutError:
+        holder.kill()
 
 
 async def _async(value: bool) -> bool:
@@ -578,13 +599,16 @@ async def test_fault_second_sigterm_skips_the_drain_and_loses_nothing(
     stack: Stack, clip: Path
 ) -> None:
     """1. S3 is unreachable, so chunks wait in the spool. 2. SIGTERM: the agent drains and
-    would wait up to EDGE_DRAIN_TIMEOUT_S (60 s) for uploads that cannot happen. 3. A
+    would wait up to EDGE_DRAIN_TIMEOUT_S (60 s) for uploads that cannot happen; another
+    process holds the ledger too, so every write of the drain waits on its lock. 3. A
     second SIGTERM skips the waits: the agent exits at once (as uvicorn does on a second
     Ctrl-C). 4. The next start, with S3 back, delivers every chunk: nothing was lost."""
     cams = [{"id": "cam1", "url": f"file://{clip}?loop=1"}]
     edge = _without_s3(stack, cams, stack.workdir / "e1.log", drain_s=60)
+    holder = None
     try:
         await eventually(lambda: _written_at_least(stack, 2), 60, "chunks spooled")
+        holder = await hold_ledger(stack)
         edge.proc.send_signal(signal.SIGTERM)
         await eventually(lambda: _has(edge, "agent.draining"), 10, "the drain to start")
         second_at = time.monotonic()
@@ -592,6 +616,7 @@ async def test_fault_second_sigterm_skips_the_drain_and_loses_nothing(
         code = await asyncio.to_thread(edge.proc.wait, 15)
         exit_s = time.monotonic() - second_at
     finally:
+        await release(holder)
         edge.kill()
     assert code == 0
     assert _has_now(edge, "agent.force_stop")
@@ -621,3 +646,104 @@ def _without_s3(stack: Stack, cams: list[dict[str, str]], log: Path, drain_s: fl
 
 def _has_now(d: Daemon, event: str) -> bool:
     return bool(d.events(event))
+
+
+async def test_fault_chunk_file_vanishing_while_queued_is_lost_not_retried_forever(
+    stack: Stack, clip: Path
+) -> None:
+    """A queued chunk's file disappears while the agent runs (a disk fault, an operator):
+    the delivery worker marks it lost (logged, counted, a declared gap) instead of retrying
+    the upload for ever with the worker pinned to it."""
+    port = free_port()
+    edge = edge_agent(
+        stack,
+        [{"id": "cam1", "url": f"file://{clip}"}],
+        stack.workdir / "e.log",
+        EDGE_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        EDGE_HTTP_BIND=f"127.0.0.1:{port}",
+    )
+    try:
+        await eventually(lambda: _written_at_least(stack, 2), 60, "chunks spooled")
+        victim = min((r for r in ledger(stack) if r["state"] == "written"), key=lambda r: r["seq"])
+        [path] = (stack.workdir / "spool" / "cam1").glob(f"*-{victim['chunk_id']}.mp4")
+        path.unlink()
+
+        async def declared_lost() -> bool:
+            return any(e.get("outcome") == "lost" for e in edge.events("chunk"))
+
+        await eventually(declared_lost, 60, "the chunk declared lost")
+        lost = await _metric_sum(port, 'edge_agent_chunks_lost_total{camera="cam1"}')
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+    states = {r["chunk_id"]: r["state"] for r in ledger(stack)}
+    report_figures(
+        "vanished_while_queued", {"lost_metric": lost, "state": states[victim["chunk_id"]]}
+    )
+    assert lost == 1 and states[victim["chunk_id"]] == "lost"
+
+
+async def test_fault_ledger_held_at_start_capture_goes_on_and_sigterm_still_stops(
+    own_stack: tuple[Stack, RedisServer, SeaweedS3], rtsp_server: RtspServer, clip: Path
+) -> None:
+    """1. A crash left a partial chunk in tmp/, and another process holds the ledger when
+    the agent starts (say, a backup that outlived the last run). 2. Recovery waits for the
+    lock, but capture does not: new chunks land in tmp/ meanwhile, and /readyz says not
+    recovered. 3. SIGTERM during recovery stops the agent promptly. 4. With the lock gone,
+    the next start salvages everything tmp/ holds and delivers it."""
+    stack, _, _ = own_stack
+    spool_dir = stack.workdir / "spool"
+    Spool(spool_dir).close()
+    [whole] = segment_file(clip, stack.workdir / "src", 6.0)
+    torn = spool_dir / "tmp" / partial_name("cam1", whole.wall_start)
+    torn.write_bytes(whole.path.read_bytes()[:-500])
+    holder = await hold_ledger(stack)
+    port = free_port()
+    cams = [{"id": "cam1", "url": rtsp_server.url("cam1")}]
+    edge = edge_agent(
+        stack,
+        cams,
+        stack.workdir / "e1.log",
+        EDGE_SEGMENT_SECONDS="1",
+        EDGE_LEDGER_BUSY_TIMEOUT_S="1",
+        EDGE_HTTP_BIND=f"127.0.0.1:{port}",
+    )
+    try:
+
+        async def captured_meanwhile() -> bool:
+            assert edge.running(), edge.text()[-2000:]
+            return len(list((spool_dir / "tmp").glob("*.partial"))) >= 3
+
+        await eventually(captured_meanwhile, 60, "capture into tmp/ during recovery")
+        assert await _ready(port, "recovered", False)
+        assert not edge.events("spool.recovered")
+        stop_at = time.monotonic()
+        code = await asyncio.to_thread(edge.terminate, 30)
+        stop_s = time.monotonic() - stop_at
+    finally:
+        await release(holder)
+        edge.kill()
+    assert code == 0 and edge.events("agent.stopped_during_recovery")
+    waiting = len(list((spool_dir / "tmp").glob("*.partial")))
+    edge = edge_agent(stack, cams, stack.workdir / "e2.log", EDGE_SEGMENT_SECONDS="1")
+    try:
+        await eventually(lambda: _announced(edge, waiting), 60, "the salvaged chunks announced")
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+    [found] = edge.events("spool.recovered")
+    figures = await audit(stack)
+    report(
+        "ledger_held_at_start",
+        {
+            **figures,
+            "partials_waiting": waiting,
+            "salvaged": found["salvaged"],
+            "stop_s": round(stop_s, 2),
+        },
+    )
+    # Every partial that waited (the torn one, the run's chunks) was salvaged or quarantined.
+    assert found["salvaged"] + found["quarantined"] == waiting
+    assert found["salvaged"] >= waiting - 1
+    assert stop_s < 15
+    assert figures["lost"] == 0 and figures["corrupt"] == 0
