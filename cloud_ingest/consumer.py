@@ -380,10 +380,12 @@ class Consumer:
 
     async def _windows(self, redis: aioredis.Redis, handoff: Handoff) -> None:
         """Close windows past their timeout and hand off closed ones, until the drain."""
-        pause = 0.0
+        pause, ready = 0.0, False
         while not self._stop.is_set() and not await _wait(self._closing, pause):
             try:
-                await handoff.setup()
+                if not ready:  # the group, once (and again after a failure)
+                    await handoff.setup()
+                    ready = True
                 await close_expired(redis, self.settings)
                 pause = 0.0
                 if not await handoff.step():
@@ -392,7 +394,7 @@ class Consumer:
             except Exception as exc:  # a sink or Redis failed: the window stays pending
                 self.tally.inc("handoff_retries")
                 log.warning("handoff.retry", error=repr(exc)[:300], exc_info=exc)
-                pause = 2.0
+                pause, ready = 2.0, False
 
     async def _close_tasks(self, tasks: Supervisor) -> None:
         """The long-lived loops return at their next turn; cancel any that does not (a

@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError
 from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
-from cloud_ingest.consumer import Consumer
+from cloud_ingest.consumer import CLOSE_GRACE_S, Consumer
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.totals import read_totals
 from shared.backoff import Backoff
@@ -143,7 +143,8 @@ class Supervisor:
         log.info("deployment.draining")
         for actor in self.actors.values():
             actor.stop.remote()
-        deadline = time.monotonic() + self.settings.drain_timeout_s + 5
+        # The actors' own drain: the timeout, then cancelling and closing (CLOSE_GRACE_S each).
+        deadline = time.monotonic() + self.settings.drain_timeout_s + 3 * CLOSE_GRACE_S
         failed: list[str] = []
         while self.runs and time.monotonic() < deadline:
             done, _ = ray.wait(list(self.runs), num_returns=1, timeout=1.0)
@@ -185,11 +186,17 @@ class Observer:
         self.metrics = IngestMetrics()
         self.ready = {"redis": False, "consumers": False}
         self.refreshed = 0.0
+        self.started = threading.Event()
+        self.failed: str | None = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._thread, name="observer", daemon=True)
 
     def start(self) -> None:
+        """Serve /healthz, /readyz and /metrics; raises if that is impossible (the bind
+        address taken, say): a deployment without them must not run as if all were well."""
         self.thread.start()
+        if not self.started.wait(30) or self.failed is not None:
+            raise RuntimeError(f"health and metrics on {self.settings.http_bind}: {self.failed}")
 
     def stop(self) -> None:
         if self.loop.is_running():
@@ -207,7 +214,13 @@ class Observer:
 
     def _thread(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
+        try:
+            self.loop.run_until_complete(self._start())
+        except Exception as exc:
+            self.failed = repr(exc)
+            return
+        finally:
+            self.started.set()
         self.loop.run_forever()
 
     async def _start(self) -> None:
@@ -268,8 +281,8 @@ def run(settings: IngestSettings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     observer = Observer(settings, supervisor)
-    observer.start()
     try:
+        observer.start()
         return supervisor.serve()
     finally:
         observer.stop()

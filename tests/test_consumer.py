@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -311,3 +312,24 @@ async def test_consumer_deployment_serves_health_and_metrics(
         assert cloud.terminate() == 0
     finally:
         cloud.kill()
+
+
+async def test_consumer_deployment_will_not_run_without_its_health_endpoint(stack: Stack) -> None:
+    """INGEST_HTTP_BIND names a port another process holds: `cloud-ingest run` exits
+    non-zero at once, saying why, instead of consuming with no /readyz and no /metrics
+    (an observer thread that died alone, unnoticed)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cloud = cloud_ingest(
+            stack, stack.workdir / "cloud.log", INGEST_HTTP_BIND=f"127.0.0.1:{port}"
+        )
+        try:
+            code = await asyncio.to_thread(cloud.proc.wait, 30)
+        finally:
+            cloud.kill()
+    assert code == 1
+    [fatal] = cloud.events("deployment.fatal")
+    assert f"127.0.0.1:{port}" in fatal["exception"]
+    assert not cloud.events("deployment.started")  # no actor was started
