@@ -37,8 +37,11 @@ class CameraWorker:
         on_chunk: Callable[[ClosedChunk], None],
         metrics: EdgeMetrics,
         stop: threading.Event,
+        room: Callable[[], bool] | None = None,
     ) -> None:
         self.cam = cam
+        self.room = room  # disk space for another chunk file (None: never asked)
+        self._refusing = False
         self.settings = settings
         self.on_chunk = on_chunk
         self.metrics = metrics
@@ -108,7 +111,12 @@ class CameraWorker:
         ctx = source.stream.codec_context
         log.info("camera.connected", codec=ctx.name, width=ctx.width, height=ctx.height)
         segmenter = Segmenter(
-            self.cam.id, source.stream, self.tmp_dir, self.settings.segment_seconds, self.on_chunk
+            self.cam.id,
+            source.stream,
+            self.tmp_dir,
+            self.settings.segment_seconds,
+            self.on_chunk,
+            None if self.room is None else self._room,
         )
         repair = TimestampRepair(
             source.time_base,
@@ -126,6 +134,20 @@ class CameraWorker:
             )
             for kind, n in repair.counts.items():
                 self.metrics.timestamps_fixed.labels(self.cam.id, kind).inc(n)
+
+    def _room(self) -> bool:
+        """Disk space for the next chunk; each refusal (a GOP dropped: the next manifest
+        declares the gap) is counted, and the first of a run logged."""
+        assert self.room is not None
+        ok = self.room()
+        if not ok:
+            self.metrics.capture_refused.labels(self.cam.id).inc()
+            if not self._refusing:
+                log.error("camera.no_disk_space", hint="capture resumes when space returns")
+        elif self._refusing:
+            log.warning("camera.disk_space_back")
+        self._refusing = not ok
+        return ok
 
     def _pump(self, source: Source, repair: TimestampRepair, segmenter: Segmenter) -> None:
         first = True

@@ -35,6 +35,12 @@ class EdgeMetrics:
         self.camera_errors = Counter(
             "edge_agent_camera_errors", "Camera open/read errors", cam, registry=r
         )
+        self.capture_refused = Counter(
+            "edge_agent_capture_refused",
+            "GOPs not captured for want of disk space (free under half EDGE_SPOOL_MIN_FREE_BYTES)",
+            cam,
+            registry=r,
+        )
         self.timestamps_fixed = Counter(
             "edge_agent_timestamps_fixed",
             "Packets whose timestamps were repaired",

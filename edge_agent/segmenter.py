@@ -129,8 +129,10 @@ class Segmenter:
         tmp_dir: Path,
         segment_s: float,
         on_chunk: Callable[[ClosedChunk], None],
+        room: Callable[[], bool] | None = None,
     ) -> None:
         self.camera_id = camera_id
+        self.room = room  # may a new chunk file be opened (is there disk space)?
         self.stream = stream
         self.tmp_dir = tmp_dir
         tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,7 @@ class Segmenter:
         self.session_start = True
         self.origin: tuple[datetime, int] | None = None  # (wall, media ticks) at first packet
         self.skipped = 0  # packets before the first keyframe (after a start or a cut)
+        self.refused = 0  # keyframes that found no room to open a chunk (their GOP dropped)
         self.codec = str(stream.codec_context.name)
         self.baseline: bytes | None = None  # in-band parameter sets seen so far
         self.params: StreamParams | None = None  # set once they changed
@@ -161,7 +164,7 @@ class Segmenter:
         if changed is not None:
             self.params = changed  # after the flush: the closed chunk keeps its own size
         if w is None:
-            if not pkt.is_keyframe:
+            if not pkt.is_keyframe or not self._has_room():
                 self.skipped += 1
                 return
             now = datetime.now(UTC)
@@ -170,6 +173,12 @@ class Segmenter:
             path = self.tmp_dir / partial_name(self.camera_id, now)
             w = self.writer = _Writer(path, self.stream, pkt, self.time_base, now, self.params)
         w.write(pkt, self.frame_ticks)
+
+    def _has_room(self) -> bool:
+        if self.room is None or self.room():
+            return True
+        self.refused += 1
+        return False
 
     def _param_change(self, pkt: Any) -> StreamParams | None:
         """New parameters when this keyframe's in-band parameter sets differ from before."""

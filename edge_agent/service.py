@@ -239,6 +239,7 @@ class EdgeService:
                 self.committer.chunk_closed,
                 self.metrics,
                 self.stop_capture,
+                self.spool.has_room,
             )
             for cam in self.settings.cameras
         ]

@@ -469,6 +469,14 @@ class Spool:
 
     # -- limits -----------------------------------------------------------------
 
+    def has_room(self) -> bool:
+        """May capture open another chunk file? Not once free disk is under half the
+        margin: eviction keeps it above the margin while the ledger works, so this only
+        happens when it cannot (a ledger held elsewhere, a disk filled by something else),
+        and the disk must not fill up with chunks nobody can commit. (Any thread.)"""
+        margin = self.limits.min_free_bytes // 2
+        return margin == 0 or shutil.disk_usage(self.root).free >= margin
+
     def _over_limits(self) -> bool:
         free = shutil.disk_usage(self.root).free
         used = self.pending_bytes() + self.quarantine_bytes()

@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import random
+import shutil
 import signal
 import sqlite3
 import sys
@@ -747,3 +748,31 @@ async def test_fault_ledger_held_at_start_capture_goes_on_and_sigterm_still_stop
     assert found["salvaged"] >= waiting - 1
     assert stop_s < 15
     assert figures["lost"] == 0 and figures["corrupt"] == 0
+
+
+async def test_fault_no_disk_space_capture_refuses_new_chunks_and_says_so(
+    stack: Stack, clip: Path
+) -> None:
+    """Free disk under half of EDGE_SPOOL_MIN_FREE_BYTES (here: the margin asks for more
+    than the disk holds): capture opens no new chunk file, so a ledger that cannot evict
+    does not let tmp/ fill the disk; each refused GOP is counted, the first logged."""
+    impossible = shutil.disk_usage(stack.workdir).total * 4
+    port = free_port()
+    edge = edge_agent(
+        stack,
+        [{"id": "cam1", "url": f"file://{clip}"}],
+        stack.workdir / "e.log",
+        EDGE_SPOOL_MIN_FREE_BYTES=str(impossible),
+        EDGE_HTTP_BIND=f"127.0.0.1:{port}",
+    )
+    try:
+        await eventually(lambda: _has(edge, "camera.finished"), 60, "the replay to end")
+        refused = await _metric_sum(port, 'edge_agent_capture_refused_total{camera="cam1"}')
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+    report_figures("no_disk_space", {"refused_gops": refused})
+    assert refused == 6  # every GOP of the 6 s clip
+    assert len(edge.events("camera.no_disk_space")) == 1
+    assert list((stack.workdir / "spool" / "tmp").iterdir()) == []
+    assert ledger(stack) == []
