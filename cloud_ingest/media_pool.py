@@ -153,11 +153,21 @@ class MediaPool:
         finally:
             self.waiting -= 1
         try:
-            worker = self._idle.pop() if self._idle else await self._spawn()
-            reply = await self._on(worker, (fn, args))
+            reply = await self._on(await self._take(), (fn, args))
         finally:
             self._slots.release()
         return _unwrap(reply)  # type: ignore[no-any-return]
+
+    async def _take(self) -> _Worker:
+        """An idle worker that is still alive (one killed while idle, by the OOM killer say,
+        is replaced here rather than failing an innocent chunk), else a new one."""
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.proc.returncode is None:
+                return worker
+            self._workers.discard(worker)
+            worker.kill()
+        return await self._spawn()
 
     async def _on(self, worker: _Worker, task: tuple[Any, ...]) -> tuple[Any, ...]:
         self.busy += 1
@@ -196,16 +206,25 @@ class MediaPool:
             raise WorkerStartFailed(self.broken) from None
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 22)
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 22)
+        except BaseException:
+            ours.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
         worker = _Worker(proc, reader, writer)
+        self._workers.add(worker)  # from now on close() kills it, even mid-start
         try:
             await asyncio.wait_for(_read(reader), START_TIMEOUT_S)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        except BaseException as exc:
+            self._workers.discard(worker)
             worker.kill()
+            if not isinstance(exc, (TimeoutError, asyncio.IncompleteReadError, ConnectionError)):
+                raise  # cancelled: the worker is gone with the attempt
             self.broken = f"a media worker did not start: {await worker.exit_status()}"
             raise WorkerStartFailed(self.broken) from None
         self.broken = None
-        self._workers.add(worker)
         return worker
 
 

@@ -504,3 +504,59 @@ async def test_cloud_faults_supervisor_backoff_never_blocks_its_loop(stack: Stac
     )
     assert result == [0]
     assert stopped_in < 3.0
+
+
+async def test_cloud_faults_a_media_worker_killed_mid_chunk_fails_only_that_attempt(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk], slow_chunk: ClosedChunk
+) -> None:
+    """SIGKILL every media worker of the actor (as the OOM killer would) while one works on
+    a slow chunk: that attempt fails (the worker died), the chunk is processed on its next
+    delivery; a chunk sent afterwards gets fresh workers and is processed on its first."""
+    slow = await edge.send(slow_chunk, 0, media_duration_s=20.0)
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_CONSUMERS="1",
+        INGEST_VISIBILITY_TIMEOUT_S="2",
+        **SLOW_WORK,
+    )
+    try:
+
+        async def at_work() -> bool:
+            try:
+                return bool((await consumer_actor("consumer-0").stats.remote())["media_busy"])
+            except (ValueError, ray.exceptions.RayError):
+                return False
+
+        await eventually(at_work, 90, "the slow chunk's media work to start")
+        killed = await consumer_actor("consumer-0").media_pids.remote()
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        small = await edge.send(chunks[0], 1)
+
+        async def settled() -> bool:
+            st = await queue_state(stack.redis_url)
+            return st["pending"] == 0 and len(await s3.records(stack.out_bucket)) == 2
+
+        await eventually(settled, 120, "both chunks processed")
+        after = await consumer_actor("consumer-0").media_pids.remote()
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    records = {r["chunk_id"]: r for r in await s3.records(stack.out_bucket)}
+    [stopped] = cloud.events("deployment.stopped")
+    retried = [e for e in cloud.events("chunk.retry_later") if "killed by SIGKILL" in e["error"]]
+    report_figures(
+        "media_worker_killed",
+        {
+            "killed": len(killed),
+            "failed_attempts": stopped.get("failed_attempts", 0),
+            "slow_deliveries": records[slow.chunk_id]["deliveries"],
+            "small_deliveries": records[small.chunk_id]["deliveries"],
+        },
+    )
+    assert (await queue_state(stack.redis_url))["dlq"] == 0
+    assert stopped["failed_attempts"] == 1 and len(retried) == 1
+    assert records[slow.chunk_id]["deliveries"] == 2
+    assert records[small.chunk_id]["deliveries"] == 1
+    assert not set(after) & set(killed)
