@@ -176,8 +176,8 @@ async def consume(
 
         acked, first_ack, last_ack = 0, 0.0, 0.0
 
-        async def ack(self, ids: Any) -> int:
-            acked = await super().ack(ids)
+        async def ack(self, ids: Any, **kwargs: Any) -> int:
+            acked = await super().ack(ids, **kwargs)
             if acked:
                 self.last_ack = time.time()
                 self.first_ack = self.first_ack or self.last_ack
