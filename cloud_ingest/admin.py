@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from cloud_ingest.objects import SizeError, get_bounded
 from shared.keys import MANIFEST_SUFFIX, dlq_stream, record_key
@@ -79,20 +79,34 @@ class Letter:
         return out
 
 
-async def letters(client: aioredis.Redis, stream: str, limit: int = 1000) -> list[Letter]:
-    out = []
-    entries: Any = await client.xrange(dlq_stream(stream), count=limit)
-    for eid, fields in entries:
-        out.append(
-            Letter(
-                id=eid.decode(),
-                reason=fields.get(b"reason", b"").decode(),
-                detail=fields.get(b"detail", b"").decode(errors="replace"),
-                deliveries=int(fields.get(b"deliveries", b"0")),
-                original={k: v for k, v in fields.items() if k not in LETTER_FIELDS},
-            )
-        )
-    return out
+async def letters(
+    client: aioredis.Redis, stream: str, page: int = 1000
+) -> AsyncIterator[list[Letter]]:
+    """Every dead letter there is when the call starts, a page at a time (never the whole
+    DLQ in memory, never only its first page). Letters added meanwhile (a requeued entry
+    refused again) are left for the next run, so a requeue cannot chase its own tail."""
+    dlq = dlq_stream(stream)
+    try:
+        info: Any = await client.xinfo_stream(dlq)
+    except ResponseError:  # no dead letters yet
+        return
+    last, start = info["last-generated-id"], b"-"
+    while True:
+        entries: Any = await client.xrange(dlq, min=start, max=last, count=page)
+        if not entries:
+            return
+        yield [_letter(eid, fields) for eid, fields in entries]
+        start = b"(" + entries[-1][0]
+
+
+def _letter(eid: bytes, fields: dict[bytes, bytes]) -> Letter:
+    return Letter(
+        id=eid.decode(),
+        reason=fields.get(b"reason", b"").decode(),
+        detail=fields.get(b"detail", b"").decode(errors="replace"),
+        deliveries=int(fields.get(b"deliveries", b"0")),
+        original={k: v for k, v in fields.items() if k not in LETTER_FIELDS},
+    )
 
 
 def select(items: Iterable[Letter], ids: set[str], reason: str | None) -> list[Letter]:
@@ -236,7 +250,3 @@ async def _sidecar(s3: Any, bucket: str, key: str) -> dict[bytes, bytes] | None:
     except (ValueError, KeyError, TypeError, Rejected):
         return None
     return fields
-
-
-def reasons(items: Iterable[Letter]) -> dict[str, int]:
-    return dict(Counter(x.reason for x in items))

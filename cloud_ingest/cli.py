@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+from collections import Counter
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from cloud_ingest import admin
 from cloud_ingest.config import IngestSettings
 from shared import logs
+from shared.manifest import Keyring
 from shared.queue import status
 from shared.s3 import open_s3
 from shared.settings import EX_CONFIG, load_or_exit, secret_values
@@ -77,35 +79,41 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
 
 
 async def _dlq(settings: IngestSettings, args: argparse.Namespace) -> int:
+    if args.action != "list" and not (args.id or args.reason or args.all):
+        print("cloud-ingest: name letters with --id or --reason, or pass --all", file=sys.stderr)
+        return 2
     client = aioredis.from_url(settings.redis_url.get_secret_value())
+    keyring, ids = settings.signing_keys(), set(args.id or [])
+    chosen: Counter[str] = Counter()
     try:
-        found = admin.select(
-            await admin.letters(client, settings.stream, args.limit),
-            set(args.id or []),
-            args.reason,
-        )
-        if args.action == "list":
-            for letter in found:
-                print(json.dumps(letter.summary(), allow_nan=False))
-            print(
-                json.dumps({"dead_letters": len(found), "by_reason": admin.reasons(found)}),
-                file=sys.stderr,
-            )
-            return 0
-        if not (args.id or args.reason or args.all):
-            print(
-                "cloud-ingest: name letters with --id or --reason, or pass --all", file=sys.stderr
-            )
-            return 2
-        if args.action == "requeue":
-            keyring = settings.signing_keys()
-            requeued = await admin.requeue(client, settings.stream, found, keyring)
-            print(json.dumps({"requeued": requeued}))
-        else:
-            print(json.dumps({"purged": await admin.purge(client, settings.stream, found)}))
-        return 0
+        async for page in admin.letters(client, settings.stream):
+            found = admin.select(page, ids, args.reason)
+            if args.limit is not None:
+                found = found[: max(0, args.limit - chosen.total())]
+            await _act(client, settings.stream, args.action, found, keyring)
+            chosen.update(x.reason for x in found)
+            if args.limit is not None and chosen.total() >= args.limit:
+                break
     finally:
         await client.aclose()
+    if args.action == "list":
+        summary = {"dead_letters": chosen.total(), "by_reason": dict(chosen)}
+        print(json.dumps(summary), file=sys.stderr)
+    else:
+        print(json.dumps({"requeued" if args.action == "requeue" else "purged": chosen.total()}))
+    return 0
+
+
+async def _act(
+    client: aioredis.Redis, stream: str, action: str, found: list[admin.Letter], keyring: Keyring
+) -> None:
+    if action == "list":
+        for letter in found:
+            print(json.dumps(letter.summary(), allow_nan=False))
+    elif action == "requeue":
+        await admin.requeue(client, stream, found, keyring)
+    else:
+        await admin.purge(client, stream, found)
 
 
 async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     dlq.add_argument("--id", action="append", help="a dead letter's id (repeatable)")
     dlq.add_argument("--reason", help="only letters with this reason")
     dlq.add_argument("--all", action="store_true", help="requeue/purge every letter")
-    dlq.add_argument("--limit", type=int, default=10000)
+    dlq.add_argument("--limit", type=_positive, help="act on at most this many (default: all)")
     rec = sub.add_parser("reconcile", help="re-enqueue raw chunks that have no done record")
     rec.add_argument(
         "--prefix", help="raw key prefix, e.g. raw/site-1/cam1 (default INGEST_RAW_PREFIX)"

@@ -225,3 +225,23 @@ async def test_admin_reconcile_replays_footage_of_any_age(
     assert reasons == ["bad_replay_tag", "clock_skew", "clock_skew"]
     assert records == {0, 1, 2, refused.seq}
     assert final["dlq_reasons"] == ["bad_replay_tag"]
+
+
+async def test_admin_dlq_acts_on_every_letter_not_only_a_first_page(
+    stack: Stack, edge: Edge
+) -> None:
+    """12,100 dead letters (more than any page or old default limit): `dlq list` counts
+    them all, `dlq purge --reason stale` removes every one of its 12,000 and only those."""
+    async with edge.redis.pipeline(transaction=False) as pipe:
+        for n in range(12_100):
+            reason = b"stale" if n % 121 else b"other"
+            pipe.xadd("chunks:dlq", {"manifest": b"{}", "reason": reason, "deliveries": b"1"})
+        await pipe.execute()
+    listed = await cli(stack, "dlq", "list")
+    summary = json.loads(listed.stderr.strip().splitlines()[-1])
+    purged = json.loads((await cli(stack, "dlq", "purge", "--reason", "stale")).stdout)
+    left = await edge.redis.xrange("chunks:dlq")
+    assert summary == {"dead_letters": 12_100, "by_reason": {"stale": 12_000, "other": 100}}
+    assert len(listed.stdout.splitlines()) == 12_100
+    assert purged == {"purged": 12_000}
+    assert {f[b"reason"] for _, f in left} == {b"other"} and len(left) == 100

@@ -257,7 +257,7 @@ async def test_redis_cloud_user_runs_the_consumer_side_and_nothing_more(
         assert (st.length, st.pending, st.dlq, st.added) == (1, 1, 1, 3)
         assert [c["name"] for c in st.consumers] == ["consumer-0"]
         # Operator commands on the dead letters run as the cloud user too.
-        letters = await admin.letters(cloud, STREAM)
+        letters = [x async for page in admin.letters(cloud, STREAM) for x in page]
         assert [x.reason for x in letters] == ["test_reason"]
         assert await admin.requeue(cloud, STREAM, letters, {}) == 1  # no key: left untagged
         assert await cloud.xlen(dlq_stream(STREAM)) == 0
