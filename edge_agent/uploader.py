@@ -112,7 +112,7 @@ class FileRange(io.RawIOBase):
         n = left if size is None or size < 0 else min(size, left)
         if n <= 0:
             return b""
-        if self._rate is not None:
+        if self._rate is not None and self._rate.rate > 0:
             # At a low cap a whole 64 KiB read would leave each connection idle for seconds
             # (long enough for a server's idle timeout): send a quarter second's worth.
             n = min(n, max(4096, self._rate.rate // 4))
