@@ -105,6 +105,15 @@ async def test_consumer_entry_redelivered_too_often_goes_to_dlq(
 COUNTERS = ("cloud_ingest_chunks_total", "cloud_ingest_stage_seconds_total", "cloud_ingest_actor")
 
 
+def acknowledged(sample: dict[str, float]) -> float:
+    """Chunks acknowledged, by the counters: processed, or found done (a chunk the killed
+    actor processed but had not acknowledged is redone as a duplicate)."""
+    return sum(sample.get(f'cloud_ingest_chunks_total{{outcome="{o}"}}', 0) for o in OUTCOMES)
+
+
+OUTCOMES = ("processed", "duplicate")
+
+
 def counters(page: str) -> dict[str, float]:
     """The counter samples of a /metrics page: series (name and labels) -> value."""
     out = {}
@@ -159,10 +168,9 @@ async def test_consumer_killed_mid_run_loses_nothing(
                 return len(await s3.keys(stack.out_bucket, "processed/records/")) == total
 
             await eventually(all_done, 120, f"all {total} chunks processed")
-            processed = 'cloud_ingest_chunks_total{outcome="processed"}'
 
             async def exported() -> bool:
-                return bool(pages) and counters(pages[-1]).get(processed, 0) >= total
+                return bool(pages) and acknowledged(counters(pages[-1])) >= total
 
             await eventually(exported, 30, "the counters to show every chunk")
             scraper.cancel()
@@ -192,10 +200,12 @@ async def test_consumer_killed_mid_run_loses_nothing(
             "series": len(last),
             "decreases": len(drops),
             "processed": last.get('cloud_ingest_chunks_total{outcome="processed"}'),
+            "duplicate": last.get('cloud_ingest_chunks_total{outcome="duplicate"}', 0),
             "restarts": last.get("cloud_ingest_actor_restarts_total"),
         },
     )
     assert drops == []
+    assert acknowledged(last) == total  # each chunk counted once, with its acknowledgement
     assert last["cloud_ingest_actor_restarts_total"] >= 1
     assert last['cloud_ingest_stage_seconds_total{stage="preprocess"}'] > 0
     assert promtool_problems(pages[-1]) == []
