@@ -19,6 +19,7 @@ from shared.backoff import Backoff
 
 # A task that ran this long before crashing starts its back-off again from the bottom.
 HEALTHY_RUN_S = 30.0
+STOP_TIMEOUT_S = 10.0  # how long stop() waits for cancelled tasks to finish
 
 TaskFactory = Callable[[], Awaitable[None]]
 
@@ -93,9 +94,16 @@ class Supervisor:
         task = self.tasks.get(name)
         return task is not None and task.done()
 
-    async def stop(self, *names: str) -> None:
-        """Cancel the named tasks (all when none are named) and wait for them."""
-        chosen = [self.tasks.pop(n) for n in (names or list(self.tasks)) if n in self.tasks]
-        for task in chosen:
+    async def stop(self, *names: str, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Cancel the named tasks (all when none are named) and wait for them, for a while:
+        a task cancelled inside a library call that never unwinds must not hold up a
+        shutdown (it is logged and left behind)."""
+        chosen = {n: self.tasks.pop(n) for n in (names or list(self.tasks)) if n in self.tasks}
+        for task in chosen.values():
             task.cancel()
-        await asyncio.gather(*chosen, return_exceptions=True)
+        if not chosen:
+            return
+        _, pending = await asyncio.wait(chosen.values(), timeout=timeout_s)
+        for name, task in chosen.items():
+            if task in pending:
+                self.log.warning("task.stop_timeout", task=name, waited_s=timeout_s)

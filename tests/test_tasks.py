@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from tests.support import eventually
@@ -84,3 +85,31 @@ async def test_supervisor_lets_a_task_that_returns_end() -> None:
     task = tasks.start("once", once)
     await asyncio.wait_for(task, 5)
     assert done == [1] and tasks.done("once") and not tasks.crashes
+
+
+async def test_supervisor_stop_does_not_wait_for_ever_on_a_task_that_will_not_unwind() -> None:
+    from shared.tasks import Supervisor
+
+    class Warn(Log):
+        def warning(self, event: str, **kw: Any) -> None:
+            self.lines.append((event, kw))
+
+    log = Warn()
+    released = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not released.is_set():  # swallows its cancellation, as a wedged call can
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                continue
+
+    tasks = Supervisor(log)
+    task = tasks.start("stubborn", stubborn)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(tasks.stop(timeout_s=0.2), 5)
+    assert ("task.stop_timeout", {"task": "stubborn", "waited_s": 0.2}) in log.lines
+    released.set()  # let the test's loop close
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
