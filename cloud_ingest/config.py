@@ -6,15 +6,13 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cloud_ingest.filters import Thresholds
 from cloud_ingest.preprocess import Options
-from shared.manifest import Ident, SigningKey
+from shared.manifest import Bucket, Ident, SigningKey
 from shared.settings import read_secret
-
-Bucket = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
 
 
 class KeyEntry(BaseModel):

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.spool import RESERVED_DIRS
+from shared.manifest import Bucket, Ident
 from shared.settings import read_secret
-
-Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
 class Camera(BaseModel):
@@ -58,7 +57,7 @@ class EdgeSettings(BaseSettings):
     delivery_stall_s: float = Field(default=300.0, gt=0)
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
-    s3_bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    s3_bucket: Bucket
     s3_prefix: str = "raw"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     stream: str = Field(default="chunks", min_length=1, max_length=200)

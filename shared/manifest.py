@@ -24,6 +24,8 @@ SIGNATURE_ALG = "HMAC-SHA256"
 # Identifiers end up in object keys, Redis keys, file paths and log lines:
 # a conservative charset, no separators, bounded length.
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+# An S3 bucket name (the portable subset of the rules); every setting and field naming one.
+Bucket = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
 HexDigest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ChunkId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
@@ -54,7 +56,7 @@ class Manifest(BaseModel):
     site_id: Ident
     camera_id: Ident
     seq: int = Field(ge=0)
-    bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    bucket: Bucket
     key: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
     size_bytes: int = Field(ge=0)
     sha256: HexDigest
