@@ -189,15 +189,11 @@ class Consumer:
         outcome = await processor.process(entry, self._slot(entry.id))
         self._count(outcome)
         self._acks.append(entry.id)
-        m = outcome.manifest
-        log.info(
-            "chunk",
-            outcome=outcome.status,
+        logs.chunk_line(
+            log.info,
+            outcome.status,
+            outcome.manifest,
             verdict=outcome.verdict,
-            chunk_id=m.chunk_id,
-            camera_id=m.camera_id,
-            seq=m.seq,
-            bytes=m.size_bytes,
             deliveries=entry.deliveries,
             waited_for_lock=outcome.waited,
             **{k: round(v, 4) for k, v in outcome.timings.items()},

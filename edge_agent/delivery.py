@@ -28,6 +28,7 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import announce, with_evictions
 from edge_agent.spool import UNFINISHED, WRITTEN, Record
 from edge_agent.uploader import Uploader
+from shared import logs
 from shared.backoff import Backoff
 from shared.manifest import Manifest
 
@@ -142,14 +143,7 @@ class Delivery:
         m = rec.manifest
         if await self.ledger.retry("mark_lost", self.spool.mark_lost, rec.chunk_id) is not None:
             self.metrics.lost.labels(m.camera_id).inc()
-            log.error(
-                "chunk",
-                outcome="lost",
-                reason="file missing or changed in the spool",
-                camera_id=m.camera_id,
-                seq=m.seq,
-                chunk_id=m.chunk_id,
-            )
+            logs.chunk_line(log.error, "lost", m, reason="file missing or changed in the spool")
         return Record(rec.chunk_id, rec.path, "lost", m)
 
     async def _announce(self, rec: Record, timings: dict[str, float]) -> Record:
@@ -171,13 +165,11 @@ class Delivery:
     def _log_chunk(self, m: Manifest, entry_id: bytes, timings: dict[str, float]) -> None:
         """The canonical line: one per chunk, everything an operator needs about it."""
         latency = (datetime.now(UTC) - m.end_time).total_seconds()
-        log.info(
-            "chunk",
-            camera_id=m.camera_id,
-            seq=m.seq,
-            chunk_id=m.chunk_id,
+        logs.chunk_line(
+            log.info,
+            "announced",
+            m,
             key=m.key,
-            bytes=m.size_bytes,
             frames=m.frame_count,
             keyframes=m.keyframe_count,
             media_start_s=round(m.media_start_s, 3),
@@ -190,6 +182,5 @@ class Delivery:
             end_time=m.end_time.isoformat(),
             entry_id=entry_id.decode(),
             latency_s=round(latency, 3),
-            outcome="announced",
             **timings,
         )

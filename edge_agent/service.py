@@ -46,7 +46,7 @@ from edge_agent.ledger import Ledger
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.spool import UNFINISHED, Freed, Limits, Pruned, Recovered, Spool
 from edge_agent.uploader import RateLimit, Uploader
-from shared import systemd
+from shared import logs, systemd
 from shared.http import serve
 from shared.s3 import open_s3
 from shared.tasks import Supervisor
@@ -202,11 +202,8 @@ class EdgeService:
         for name, error in found.errors:
             log.error("spool.salvage_failed", file=name, error=error, outcome="quarantined")
         for rec in found.lost:
-            m = rec.manifest
-            self.metrics.lost.labels(m.camera_id).inc()
-            log.error(
-                "chunk", outcome="lost", camera_id=m.camera_id, seq=m.seq, chunk_id=m.chunk_id
-            )
+            self.metrics.lost.labels(rec.manifest.camera_id).inc()
+            logs.chunk_line(log.error, "lost", rec.manifest, reason="file gone at start")
         if found.quarantined:
             self.metrics.quarantined.labels("unsalvageable").inc(found.quarantined)
         if found.orphaned:
@@ -405,13 +402,10 @@ class EdgeService:
         for rec in freed.evicted:
             m = rec.manifest
             self.metrics.evicted.labels(m.camera_id).inc()
-            log.warning(
-                "chunk",
-                outcome="evicted",
-                camera_id=m.camera_id,
-                seq=m.seq,
-                chunk_id=m.chunk_id,
-                bytes=m.size_bytes,
+            logs.chunk_line(
+                log.warning,
+                "evicted",
+                m,
                 media_s=round(m.media_duration_s, 3),
                 policy=self.settings.spool_eviction,
             )

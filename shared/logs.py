@@ -102,3 +102,18 @@ def configure(
 
 def get(name: str) -> Any:
     return structlog.get_logger(name)
+
+
+def chunk_line(emit: Any, outcome: str, m: Any, /, **figures: Any) -> None:
+    """The canonical per-chunk line (``"event": "chunk"``), one shape on both sides: the
+    outcome, which chunk (camera, seq, id, bytes), then what the stage measured of it.
+    ``emit`` is a logger's method for the level (``log.info``); ``m`` the ``Manifest``."""
+    emit(
+        "chunk",
+        outcome=outcome,
+        camera_id=m.camera_id,
+        seq=m.seq,
+        chunk_id=m.chunk_id,
+        bytes=m.size_bytes,
+        **figures,
+    )
