@@ -147,11 +147,9 @@ class Delivery:
         return Record(rec.chunk_id, rec.path, "lost", m)
 
     async def _announce(self, rec: Record, timings: dict[str, float]) -> Record:
-        m = rec.manifest
-        gap, evicted = await self.ledger.retry(
-            "evicted_run_before", self.spool.evicted_run_before, m.camera_id, m.seq
-        )
-        m = with_evictions(m, gap, evicted)
+        m = await self.ledger.retry("finalize", self.spool.finalize, rec.chunk_id, with_evictions)
+        if m is None:  # not uploaded any more: announced meanwhile (cannot happen: claimed)
+            return Record(rec.chunk_id, rec.path, "announced", rec.manifest)
         t0 = time.monotonic()
         entry_id = await announce(self.redis, self.s3, self.settings, m)
         timings["announce_s"] = round(time.monotonic() - t0, 4)

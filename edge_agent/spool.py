@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     size_bytes INTEGER NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
+    final INTEGER NOT NULL DEFAULT 0,  -- the manifest is the one to announce (finalize)
     UNIQUE (camera_id, seq)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state, created);
@@ -152,6 +153,7 @@ class Recovered:
 
 
 ManifestFactory = Callable[[ClosedChunk, int, Position], Manifest]
+Fold = Callable[[Manifest, float, int], Manifest]  # (manifest, gap seconds, chunks) -> final
 
 
 def _tombstone(m: Manifest) -> str:
@@ -183,11 +185,15 @@ class Spool:
         self._migrate()
 
     def _migrate(self) -> None:
-        """Ledgers written by earlier versions lack the announced high-water mark."""
+        """Ledgers written by earlier versions lack the announced high-water mark and the
+        final-manifest flag."""
         db = self._db()
         columns = {r[1] for r in db.execute("PRAGMA table_info(cameras)")}
         if "announced_seq" not in columns:
             db.execute("ALTER TABLE cameras ADD COLUMN announced_seq INTEGER")
+        columns = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
+        if "final" not in columns:
+            db.execute("ALTER TABLE chunks ADD COLUMN final INTEGER NOT NULL DEFAULT 0")
 
     # -- connections ------------------------------------------------------------
 
@@ -246,7 +252,8 @@ class Spool:
             manifest = make_manifest(chunk, pos.next_seq, pos)
             now = time.time()
             db.execute(
-                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO chunks (chunk_id, camera_id, seq, path, state, manifest, "
+                "size_bytes, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     manifest.chunk_id,
                     chunk.camera_id,
@@ -351,6 +358,30 @@ class Spool:
             .fetchone()
         )
         return int(row[0])
+
+    def finalize(self, chunk_id: str, fold: Fold) -> Manifest | None:
+        """The manifest to announce, decided once and kept: the chunks evicted or lost just
+        before it are folded in (``fold``) the first time, and every later call (a retried
+        XADD whose first reply was lost, a restart) gets the very same manifest, even if
+        more evictions happened meanwhile; a second, different manifest for the chunk would
+        be refused by the cloud as a replay. None unless the chunk is uploaded."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT manifest, final FROM chunks WHERE chunk_id = ? AND state = ?",
+                (chunk_id, UPLOADED),
+            ).fetchone()
+            if row is None:
+                return None
+            manifest = Manifest.model_validate_json(row[0])
+            if row[1]:
+                return manifest
+            gap, count = self.evicted_run_before(manifest.camera_id, manifest.seq)
+            manifest = fold(manifest, gap, count)
+            db.execute(
+                "UPDATE chunks SET manifest = ?, final = 1 WHERE chunk_id = ?",
+                (manifest.model_dump_json(), chunk_id),
+            )
+        return manifest
 
     def evicted_run_before(self, camera_id: str, seq: int) -> tuple[float, int]:
         """Seconds and count of chunks evicted or lost immediately before ``seq``.

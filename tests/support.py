@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -242,6 +244,8 @@ def capture_file(
     """Run ``CameraWorker.capture_from`` on a recording, as fast as it demuxes."""
     import threading
 
+    import structlog.testing
+
     from edge_agent.camera import CameraWorker
     from edge_agent.capture import Source, SourceSpec
     from edge_agent.config import EdgeSettings
@@ -260,8 +264,11 @@ def capture_file(
     worker = CameraWorker(settings.cameras[0], settings, out, on_chunk, EdgeMetrics(), stop)
     source = Source(f"file://{src}", stop)
     source.spec = SourceSpec(source.spec.target, {}, realtime=False, loop=False)
+    # Its log lines are captured, not printed: in the test process structlog may still be
+    # bound to an earlier test's (closed) captured stdout.
     try:
-        worker.capture_from(source)
+        with structlog.testing.capture_logs():
+            worker.capture_from(source)
     finally:
         source.close()
 
@@ -410,3 +417,118 @@ def strict_json(text: str | bytes) -> Any:
         raise ValueError(f"{name} is not JSON")
 
     return json.loads(text, parse_constant=refuse)
+
+
+# -- the cloud consumers' fault tests: servers of their own, actors, invariants ------------
+
+
+@contextlib.contextmanager
+def own_redis(workdir: Path) -> Iterator[Any]:
+    """A redis-server of the test's own, to fill up, flush or cut off without the others."""
+    from devstack.servers import RedisServer
+
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_consumer(
+    settings: Any, name: str, consumer_class: Any = None, env: dict[str, str] | None = None
+) -> Any:
+    """A consumer actor as the deployment starts one (not named, not supervised)."""
+    import ray
+
+    from cloud_ingest.consumer import Consumer
+
+    options: dict[str, Any] = {"num_cpus": 0.25, "max_concurrency": 64}
+    if env is not None:
+        options["runtime_env"] = {"env_vars": env}
+    return ray.remote(consumer_class or Consumer).options(**options).remote(settings, name)
+
+
+async def holds(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
+    """``check`` is true at every look for ``seconds`` (that nothing happens takes a while
+    to see); fails at the first look where it is not."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not await check():
+            raise AssertionError(f"no longer true: {what}")
+        await asyncio.sleep(0.25)
+
+
+class SilentProxy:
+    """A real TCP proxy, on a thread and event loop of its own, in front of ``host:port``.
+    ``go_silent()``: every connection open at that moment stops passing bytes either way
+    and is never closed, as when the peer vanished without a reset (a crashed host, a
+    dropped NAT entry, a failover's old master); connections opened later pass as before."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from devstack.servers import free_port
+
+        self.upstream = (host, port)
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._links: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __enter__(self) -> SilentProxy:
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._call(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def go_silent(self) -> int:
+        """Silence every open connection; returns how many."""
+        result: int = self._call(self._silence())
+        return result
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+
+    async def _silence(self) -> int:
+        for link in self._links:
+            link["silent"] = True
+        return len(self._links)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in self._links:
+            for writer in link["writers"]:
+                writer.close()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        link: dict[str, Any] = {"silent": False, "writers": [writer, up_writer]}
+        self._links.append(link)
+        await asyncio.gather(
+            self._pipe(reader, up_writer, link),
+            self._pipe(up_reader, writer, link),
+            return_exceptions=True,
+        )
+
+    @staticmethod
+    async def _pipe(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: dict[str, Any]
+    ) -> None:
+        while data := await src.read(65536):
+            if not link["silent"]:
+                dst.write(data)
+                await dst.drain()
+        if not link["silent"]:
+            dst.close()

@@ -15,7 +15,7 @@ import av
 import pytest
 
 from edge_agent.config import EdgeSettings
-from edge_agent.publisher import build_manifest
+from edge_agent.publisher import build_manifest, with_evictions
 from edge_agent.recovery import complete_prefix, salvage
 from edge_agent.segmenter import ClosedChunk, partial_name
 from edge_agent.spool import (
@@ -425,3 +425,22 @@ def test_evicted_rows_keep_a_small_tombstone(
     (doc,) = spool._db().execute("SELECT manifest FROM chunks").fetchone()
     assert len(doc) < 200 < len(m.model_dump_json())
     assert spool.get(m.chunk_id) is None and spool.state(m.chunk_id)[0] == EVICTED  # type: ignore[index]
+
+
+def test_the_manifest_to_announce_is_decided_once_and_kept(
+    tmp_path: Path, fresh_chunks: list[ClosedChunk]
+) -> None:
+    """An XADD whose reply was lost is retried: it must carry the same manifest as the
+    first, even if the chunk before was evicted in between (a second, different manifest
+    for the chunk would be dead-lettered by the cloud as a replay). Across a restart too."""
+    spool = Spool(tmp_path / "spool")
+    before, _ = spool.commit(fresh_chunks[0], factory)
+    m, _ = spool.commit(fresh_chunks[1], factory)
+    spool.mark_uploaded(m.chunk_id)
+    first = spool.finalize(m.chunk_id, with_evictions)
+    assert first is not None and first.evicted_before == 0
+    spool._gone(spool.get(before.chunk_id), EVICTED)  # type: ignore[arg-type]
+    assert spool.evicted_run_before("cam1", m.seq) == (pytest.approx(1.0), 1)
+    assert spool.finalize(m.chunk_id, with_evictions) == first  # the retry announces the same
+    spool.close()
+    assert Spool(tmp_path / "spool").finalize(m.chunk_id, with_evictions) == first
