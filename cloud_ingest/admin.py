@@ -8,11 +8,12 @@ The listing is streamed page by page and the per-chunk work (sidecar GET, record
 HEAD, XADD) runs at most ``concurrency`` at a time, so memory does not grow with
 the bucket.
 
-Replayed entries (reconcile, requeue) carry a replay tag minted with the manifest's
-own key (``shared.manifest.tag_replay``): the consumer accepts it in place of the
-start-time age check, so footage of any age can be replayed. The age check is there
-against replays by someone who can XADD but holds no signing key; such a party
-cannot mint the tag, and a holder of a device key could sign fresh manifests anyway.
+Replayed entries (reconcile, requeue) carry a replay tag (``shared.manifest.tag_replay``)
+minted with the cloud's own replay key (INGEST_REPLAY_KEY) or, without one, with the
+manifest's own key: the consumer accepts it in place of the start-time age check, so
+footage of any age can be replayed. The age check is there against replays by someone
+who can XADD but holds no signing key; such a party cannot mint the tag. Without a
+replay key, a device's own key can tag (and so backdate) that device's manifests.
 """
 
 from __future__ import annotations
@@ -114,12 +115,16 @@ def select(items: Iterable[Letter], ids: set[str], reason: str | None) -> list[L
 
 
 async def requeue(
-    client: aioredis.Redis, stream: str, chosen: list[Letter], keyring: Keyring
+    client: aioredis.Redis,
+    stream: str,
+    chosen: list[Letter],
+    keyring: Keyring,
+    replay_key: bytes | None = None,
 ) -> int:
     """Put dead letters back on the stream as they were first sent, with a fresh replay tag,
     atomically per letter."""
     for letter in chosen:
-        fields = tag_replay(letter.original, keyring, time.time())
+        fields = tag_replay(letter.original, keyring, time.time(), replay_key)
         async with client.pipeline(transaction=True) as pipe:
             pipe.xadd(stream, fields)  # type: ignore[arg-type]
             pipe.xdel(dlq_stream(stream), letter.id)
@@ -159,6 +164,7 @@ class Reconcile:
     since: datetime | None = None
     until: datetime | None = None
     dry_run: bool = False
+    replay_key: bytes | None = None
 
 
 async def reconcile(
@@ -197,7 +203,7 @@ async def _reconcile_chunk(job: Reconcile, key: str, report: ReconcileReport) ->
     if await object_exists(job.s3, job.output_bucket, record_key(job.output_prefix, m)):
         report.done += 1
         return
-    tagged = tag_replay(fields, job.keyring, time.time())
+    tagged = tag_replay(fields, job.keyring, time.time(), job.replay_key)
     if REPLAY_SIG not in tagged:
         report.unknown_key += 1
         return

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -90,7 +91,7 @@ async def _dlq(settings: IngestSettings, args: argparse.Namespace) -> int:
             found = admin.select(page, ids, args.reason)
             if args.limit is not None:
                 found = found[: max(0, args.limit - chosen.total())]
-            await _act(client, settings.stream, args.action, found, keyring)
+            await _act(client, settings, args.action, found, keyring)
             chosen.update(x.reason for x in found)
             if args.limit is not None and chosen.total() >= args.limit:
                 break
@@ -105,15 +106,15 @@ async def _dlq(settings: IngestSettings, args: argparse.Namespace) -> int:
 
 
 async def _act(
-    client: aioredis.Redis, stream: str, action: str, found: list[admin.Letter], keyring: Keyring
+    client: Any, settings: IngestSettings, action: str, found: list[admin.Letter], keyring: Keyring
 ) -> None:
     if action == "list":
         for letter in found:
             print(json.dumps(letter.summary(), allow_nan=False))
     elif action == "requeue":
-        await admin.requeue(client, stream, found, keyring)
+        await admin.requeue(client, settings.stream, found, keyring, settings.replay_secret())
     else:
-        await admin.purge(client, stream, found)
+        await admin.purge(client, settings.stream, found)
 
 
 async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
@@ -135,6 +136,7 @@ async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
                 since=args.since,
                 until=args.until,
                 dry_run=args.dry_run,
+                replay_key=settings.replay_secret(),
             )
             prefix = args.prefix if args.prefix is not None else settings.raw_prefix
             report = await admin.reconcile(

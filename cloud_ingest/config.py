@@ -54,6 +54,11 @@ class IngestSettings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1, le=1000)
     keyring: Annotated[dict[Ident, KeyEntry], NoDecode] = Field(default_factory=dict)
     keyring_file: Path | None = None
+    # Replay tags (reconcile, dlq requeue) are made and checked with this cloud-only key
+    # when set (or INGEST_REPLAY_KEY_FILE, or the systemd credential `replay_key`); unset,
+    # with the manifest's own device key, which lets that device backdate its own footage.
+    replay_key: SecretStr | None = Field(default=None, min_length=16)
+    replay_key_file: Path | None = None
     http_bind: str = "127.0.0.1:9109"
     # Bearer token for /readyz and /metrics; set it whenever INGEST_HTTP_BIND is not loopback.
     http_token: SecretStr | None = None
@@ -130,6 +135,15 @@ class IngestSettings(BaseSettings):
             data = {**data, "keyring": entries}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_replay_key(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("replay_key"):
+            return data
+        path = data.get("replay_key_file")
+        secret = read_secret(None, Path(path) if path else None, "replay_key")
+        return data if secret is None else {**data, "replay_key": secret}
+
     @model_validator(mode="after")
     def _require_keys(self) -> IngestSettings:
         if not self.keyring:
@@ -159,3 +173,7 @@ class IngestSettings(BaseSettings):
 
     def signing_keys(self) -> dict[str, SigningKey]:
         return {k: v.signing_key() for k, v in self.keyring.items()}
+
+    def replay_secret(self) -> bytes | None:
+        """The key of replay tags, when a cloud-only one is set (else each manifest's own)."""
+        return None if self.replay_key is None else self.replay_key.get_secret_value().encode()

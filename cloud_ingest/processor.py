@@ -82,6 +82,7 @@ class ChunkProcessor:
         self.consumer = consumer
         self.pool = pool
         self.keyring = settings.signing_keys()
+        self.replay_key = settings.replay_secret()
         self.thresholds = settings.thresholds()
         self.options = settings.preprocess()
         self.locks: dict[bytes, tuple[str, str]] = {}  # entry id -> (lock key, holder)
@@ -89,7 +90,7 @@ class ChunkProcessor:
     async def process(self, entry: Entry, slot: AbstractAsyncContextManager[Any]) -> Outcome:
         """Raises Rejected for what can never succeed; other errors fail this attempt.
         The work itself runs inside ``slot`` (the consumer's bound on chunks at once)."""
-        signed, replayed_at = verify_entry(entry.fields, self.keyring)
+        signed, replayed_at = verify_entry(entry.fields, self.keyring, self.replay_key)
         m = signed.manifest
         self._check_location(m)
         self._check_clock(m, replayed_at)
@@ -119,8 +120,9 @@ class ChunkProcessor:
 
     def _check_clock(self, m: Manifest, replayed_at: float | None) -> None:
         """A manifest from the future or from too long ago is a replay or a broken clock.
-        A replay tag (reconcile, dlq requeue: minted with the manifest's own key) stands in
-        for the age check, if the tag itself is fresh."""
+        A replay tag (reconcile, dlq requeue: minted with INGEST_REPLAY_KEY, or the
+        manifest's own key without one) stands in for the age check, if the tag itself is
+        fresh."""
         now = datetime.now(UTC)
         ahead = (m.end_time - now).total_seconds()
         if m.end_time < m.start_time:

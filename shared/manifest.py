@@ -185,8 +185,9 @@ def verify_fields(fields: Mapping[bytes, bytes], keyring: Keyring) -> SignedMani
 
 
 # A replayed entry (``cloud-ingest reconcile``, ``dlq requeue``) carries these two fields:
-# when it was replayed and an HMAC, with the manifest's own key, over that time and the
-# manifest bytes. The consumer accepts a valid tag in place of the start-time age check.
+# when it was replayed and an HMAC over that time and the manifest bytes, with the cloud's
+# own replay key (INGEST_REPLAY_KEY) when one is set, else with the manifest's own key.
+# The consumer accepts a valid tag in place of the start-time age check.
 REPLAYED_AT, REPLAY_SIG = b"replayed_at", b"replay_sig"
 
 
@@ -194,33 +195,50 @@ def replay_mac(secret: bytes, replayed_at: bytes, payload: bytes) -> str:
     return _mac(secret, b"replay\0" + replayed_at + b"\0" + payload)
 
 
-def tag_replay(fields: Mapping[bytes, bytes], keyring: Keyring, now: float) -> dict[bytes, bytes]:
-    """``fields`` with a fresh replay tag (any earlier one replaced). Untagged when the
-    entry names no key of the keyring: it can only be refused again, as it was."""
+def _replay_secret(
+    fields: Mapping[bytes, bytes], keyring: Keyring, replay_key: bytes | None
+) -> bytes | None:
+    if replay_key is not None:
+        return replay_key
+    key = keyring.get(fields.get(b"key_id", b"").decode("ascii", errors="replace"))
+    return None if key is None else key.secret
+
+
+def tag_replay(
+    fields: Mapping[bytes, bytes],
+    keyring: Keyring,
+    now: float,
+    replay_key: bytes | None = None,
+) -> dict[bytes, bytes]:
+    """``fields`` with a fresh replay tag (any earlier one replaced), made with
+    ``replay_key`` or, without one, the manifest's own key. Untagged when there is no such
+    key (the entry names none of the keyring): it can only be refused again, as it was."""
     out = {k: v for k, v in fields.items() if k not in (REPLAYED_AT, REPLAY_SIG)}
-    key = keyring.get(out.get(b"key_id", b"").decode("ascii", errors="replace"))
+    secret = _replay_secret(out, keyring, replay_key)
     payload = out.get(b"manifest")
-    if key is not None and payload is not None:
+    if secret is not None and payload is not None:
         at = str(int(now)).encode()
-        out[REPLAYED_AT], out[REPLAY_SIG] = at, replay_mac(key.secret, at, payload).encode()
+        out[REPLAYED_AT], out[REPLAY_SIG] = at, replay_mac(secret, at, payload).encode()
     return out
 
 
 def verify_entry(
-    fields: Mapping[bytes, bytes], keyring: Keyring
+    fields: Mapping[bytes, bytes], keyring: Keyring, replay_key: bytes | None = None
 ) -> tuple[SignedManifest, float | None]:
     """``verify_fields``, then the replay tag if the entry has one: (manifest, replayed_at
-    or None). A tag that does not verify is refused (``bad_replay_tag``)."""
+    or None). A tag that does not verify (with ``replay_key`` when given, else with the
+    manifest's own key) is refused (``bad_replay_tag``)."""
     signed = verify_fields(fields, keyring)
     at, sig = fields.get(REPLAYED_AT), fields.get(REPLAY_SIG)
     if at is None and sig is None:
         return signed, None
-    key = keyring[signed.signature.key_id]
+    secret = replay_key if replay_key is not None else keyring[signed.signature.key_id].secret
     if not at or not sig:
         raise Rejected("bad_replay_tag", "replayed_at and replay_sig come together")
-    expected = replay_mac(key.secret, at, fields[b"manifest"]).encode()
+    expected = replay_mac(secret, at, fields[b"manifest"]).encode()
     if not hmac.compare_digest(expected, sig):
-        raise Rejected("bad_replay_tag", "replay_sig does not verify with the manifest's key")
+        whose = "the replay key" if replay_key is not None else "the manifest's key"
+        raise Rejected("bad_replay_tag", f"replay_sig does not verify with {whose}")
     if not at.isdigit() or len(at) > 12:
         raise Rejected("bad_replay_tag", f"replayed_at {at[:20]!r} is not epoch seconds")
     return signed, float(at)

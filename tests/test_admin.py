@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -245,3 +246,54 @@ async def test_admin_dlq_acts_on_every_letter_not_only_a_first_page(
     assert len(listed.stdout.splitlines()) == 12_100
     assert purged == {"purged": 12_000}
     assert {f[b"reason"] for _, f in left} == {b"other"} and len(left) == 100
+
+
+async def test_admin_replay_key_stops_a_device_backdating_its_own_footage(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk], tmp_path: Path
+) -> None:
+    """With a cloud-only replay key (INGEST_REPLAY_KEY_FILE for `reconcile`, the systemd
+    credential `replay_key` for the deployment), replay tags are the cloud's. Footage an
+    hour old against INGEST_MAX_MANIFEST_AGE_S=600: the device tags its own manifest with
+    its own signing key (as a replay tag was made before) and announces it: refused
+    `bad_replay_tag`. The same chunk rebuilt from the bucket by reconcile is processed."""
+    old = await edge.send(chunks[0], 0, sidecar=True, announce=False)
+    signed = {k.encode(): v for k, v in sign(old, KEY_ID, SECRET.encode()).to_fields().items()}
+    forged = tag_replay(signed, KEYRING, time.time())  # the device's own key is all it takes
+    await publish(edge.redis, "chunks", {k.decode(): v for k, v in forged.items()})
+    key_file = tmp_path / "replay.key"
+    key_file.write_text(secrets.token_hex(16) + "\n")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "replay_key").write_text(key_file.read_text())
+    result = await cli(
+        stack, "reconcile", INGEST_MAX_MANIFEST_AGE_S="600", INGEST_REPLAY_KEY_FILE=str(key_file)
+    )
+    assert json.loads(result.stdout)["requeued"] == 1, result.stderr
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_MAX_MANIFEST_AGE_S="600",
+        CREDENTIALS_DIRECTORY=str(credentials),
+    )
+    try:
+
+        async def settled() -> bool:
+            st = await queue_state(stack.redis_url)
+            return (st["length"], st["pending"], st["dlq"]) == (0, 0, 1) and bool(
+                await s3.records(stack.out_bucket)
+            )
+
+        await eventually(settled, 90, "the forged tag refused, the reconciled entry processed")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    [(_, letter)] = await edge.redis.xrange("chunks:dlq")
+    [record] = await s3.records(stack.out_bucket)
+    report_figures(
+        "replay_key",
+        {"refused": letter[b"reason"].decode(), "detail": letter[b"detail"].decode()},
+    )
+    assert letter[b"reason"] == b"bad_replay_tag"
+    assert letter[b"replay_sig"] == forged[b"replay_sig"]  # the device's tag, not reconcile's
+    assert b"replay key" in letter[b"detail"]
+    assert record["chunk_id"] == old.chunk_id
