@@ -6,7 +6,10 @@ is missing is announced again, verbatim, so it is verified like any other entry.
 Re-enqueueing something already queued is harmless: processing is idempotent.
 The listing is streamed page by page and the per-chunk work (sidecar GET, record
 HEAD, XADD) runs at most ``concurrency`` at a time, so memory does not grow with
-the bucket.
+the bucket. A chunk whose lookup fails (a sidecar deleted between the listing and
+its GET, a refusal, Redis refusing the XADD) is counted in ``errors``, with a few
+examples, and the rest goes on: the report is always printed, and the command
+exits non-zero when anything failed.
 
 Replayed entries (reconcile, requeue) carry a replay tag (``shared.manifest.tag_replay``)
 minted with the cloud's own replay key (INGEST_REPLAY_KEY) or, without one, with the
@@ -22,7 +25,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +58,7 @@ LETTER_FIELDS = {
 # A sidecar holds one manifest (at most MAX_MANIFEST_BYTES, JSON-escaped once more) and
 # its signature: anything much bigger is not one, and is never read whole.
 MAX_SIDECAR_BYTES = 4 * MAX_MANIFEST_BYTES
+MAX_ERROR_EXAMPLES = 5  # failed chunks named in a reconcile report
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +151,16 @@ class ReconcileReport:
     unreadable_manifest: int = 0
     unknown_key: int = 0  # signed with a key no longer in the keyring: cannot be replayed
     out_of_range: int = 0
+    errors: int = 0  # chunks (or the listing) whose lookup or requeue failed
+    error_examples: list[str] = field(default_factory=list)  # the first few, with the error
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        if len(self.error_examples) < MAX_ERROR_EXAMPLES:
+            self.error_examples.append(f"{what}: {type(exc).__name__}: {exc}"[:300])
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,24 +181,36 @@ class Reconcile:
 async def reconcile(
     job: Reconcile, prefix: str, *, page_size: int = 1000, concurrency: int = 16
 ) -> ReconcileReport:
-    """Re-announce every raw chunk under ``prefix`` that has a sidecar and no done record."""
+    """Re-announce every raw chunk under ``prefix`` that has a sidecar and no done record.
+    One chunk's failure is counted in the report's ``errors`` and the others go on; a
+    listing that fails ends the walk there (counted too), with the report of what was done."""
     report = ReconcileReport()
+    try:  # a HEAD's 404 cannot tell a missing record from a missing bucket: ask first
+        await job.s3.head_bucket(Bucket=job.output_bucket)
+    except Exception as exc:
+        report.failed(f"output bucket s3://{job.output_bucket}", exc)
+        return report
     slots = asyncio.Semaphore(concurrency)
 
     async def one(key: str) -> None:
         try:
             await _reconcile_chunk(job, key, report)
+        except Exception as exc:  # S3, Redis, a sidecar gone since the listing: this chunk's
+            report.failed(key, exc)
         finally:
             slots.release()
 
     async with asyncio.TaskGroup() as group:
-        async for key, has_sidecar in _paired(_keys(job.s3, job.raw_bucket, prefix, page_size)):
-            report.chunks += 1
-            if not has_sidecar:
-                report.without_manifest += 1  # never announced: the edge still owns it
-                continue
-            await slots.acquire()  # the listing waits while `concurrency` chunks are at work
-            group.create_task(one(key))
+        try:
+            async for key, has_sidecar in _paired(_keys(job.s3, job.raw_bucket, prefix, page_size)):
+                report.chunks += 1
+                if not has_sidecar:
+                    report.without_manifest += 1  # never announced: the edge still owns it
+                    continue
+                await slots.acquire()  # the listing waits while `concurrency` chunks work
+                group.create_task(one(key))
+        except Exception as exc:  # the listing itself: nothing more to walk
+            report.failed(f"listing s3://{job.raw_bucket}/{prefix}", exc)
     return report
 
 

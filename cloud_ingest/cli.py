@@ -12,13 +12,11 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from cloud_ingest import admin
 from cloud_ingest.config import IngestSettings
 from shared import logs
 from shared.manifest import Keyring
-from shared.queue import status
+from shared.queue import connect, status
 from shared.s3 import open_s3
 from shared.settings import EX_CONFIG, load_or_exit, secret_values
 
@@ -42,8 +40,12 @@ def _run() -> int:
         return 1
 
 
+def _redis(settings: IngestSettings) -> Any:
+    return connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
+
+
 async def _status(settings: IngestSettings, as_json: bool, interval: float) -> int:
-    client = aioredis.from_url(settings.redis_url.get_secret_value())
+    client = _redis(settings)
     try:
         st = await status(client, settings.stream, settings.group)
         rates = None
@@ -83,7 +85,7 @@ async def _dlq(settings: IngestSettings, args: argparse.Namespace) -> int:
     if args.action != "list" and not (args.id or args.reason or args.all):
         print("cloud-ingest: name letters with --id or --reason, or pass --all", file=sys.stderr)
         return 2
-    client = aioredis.from_url(settings.redis_url.get_secret_value())
+    client = _redis(settings)
     keyring, ids = settings.signing_keys(), set(args.id or [])
     chosen: Counter[str] = Counter()
     try:
@@ -121,7 +123,7 @@ async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
     if settings.raw_bucket is None:
         print("cloud-ingest: INGEST_RAW_BUCKET: is required for reconcile", file=sys.stderr)
         return EX_CONFIG
-    client = aioredis.from_url(settings.redis_url.get_secret_value())
+    client = _redis(settings)
     try:
         async with AsyncExitStack() as stack:
             s3 = await open_s3(stack, settings.s3_endpoint_url, settings.s3_region)
@@ -145,6 +147,12 @@ async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
     finally:
         await client.aclose()
     print(json.dumps(report.as_dict(), allow_nan=False))
+    if report.errors:
+        print(
+            f"cloud-ingest: reconcile: {report.errors} error(s), e.g. {report.error_examples[0]}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -68,6 +68,18 @@ class IngestSettings(BaseSettings):
     actor_concurrency: int = Field(default=2, ge=1, le=64)
     actor_cpus: float = Field(default=1.0, ge=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
+    # Each stage of an actor's shutdown past the drain timeout (releasing, cancelling,
+    # closing) gets this long; the supervisor's deadline adds them up (consumer.drain_stages).
+    close_grace_s: float = Field(default=5.0, gt=0)
+    # Every Redis read and connect of a consumer is bounded by this (above the 1 s
+    # XREADGROUP block): a Redis that went silent without a reset fails the call.
+    redis_timeout_s: float = Field(default=10.0, ge=2.0)
+    # A paused consumer probes again after a jittered back-off growing up to this.
+    pause_max_s: float = Field(default=30.0, gt=0)
+    # This many distinct chunks in a row whose raw GET fails with the same S3 error code,
+    # while the probe passes, pause the consumer (its access, not theirs: a policy that
+    # lets it list but not read, a KMS key it may not use).
+    raw_failures_to_pause: int = Field(default=3, ge=1, le=1000)
     max_chunk_bytes: int = Field(default=512 * 1024**2, gt=0)
     # A chunk's media work (decode, filters, preprocess) past this is a failed attempt: its
     # worker process is killed and replaced; after the last attempt, DLQ `process_timeout`.

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import redis.asyncio as aioredis
@@ -24,22 +26,62 @@ import structlog
 from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
-from cloud_ingest.failures import EnvProbe, Failure, classify, error_type
+from cloud_ingest.failures import (
+    Canary,
+    EnvProbe,
+    Failure,
+    RawReadFailed,
+    classify,
+    describe,
+    error_type,
+)
 from cloud_ingest.handoff import Handoff, close_expired
 from cloud_ingest.media_pool import MediaPool, WorkerError
 from cloud_ingest.processor import ChunkProcessor, Outcome
-from cloud_ingest.totals import Tally, write_increments
+from cloud_ingest.totals import Tally
 from shared import logs
 from shared.backoff import Backoff
+from shared.keys import redis_probe_key, s3_probe_key
 from shared.manifest import Rejected
-from shared.queue import Entry, GroupConsumer, ReapCursor
+from shared.queue import (
+    Acks,
+    Entry,
+    GroupConsumer,
+    ReapCursor,
+    connect,
+    ensure_group,
+    is_lost_group,
+)
 from shared.s3 import open_s3
 from shared.settings import secret_values
 from shared.tasks import Supervisor
 
 log = structlog.get_logger("cloud_ingest")
 
-CLOSE_GRACE_S = 5.0  # how long a drained consumer waits for its loops and cancelled work
+
+def drain_stages(settings: IngestSettings) -> dict[str, float]:
+    """How long each stage of an actor's shutdown may take, from ``stop()`` to ``run()``'s
+    return. The actor holds each stage to its share (``Consumer._until_stopped``,
+    ``_finish``, ``_close_tasks``, ``_within``) and the supervisor waits for the sum, so
+    its deadline covers the actor's by construction."""
+    grace, redis_s = settings.close_grace_s, settings.redis_timeout_s
+    return {
+        "notice": redis_s,  # the drain loop's turn ends (at worst a Redis call times out)
+        "loop_cancel": grace,  # else it is cancelled
+        "release": grace,  # entries not yet at work: cancelled, given back
+        "work": settings.drain_timeout_s,  # work in progress finishes
+        "cancel": grace,  # work past the drain timeout: cancelled
+        "acks": redis_s,  # the last acknowledgements and counts
+        "tasks_return": grace,  # the long-lived loops return at their next turn
+        "tasks_cancel": grace,  # else they are cancelled
+        "close_handoff": grace,  # the hand-off's HTTP session
+        "close_redis": grace,  # the Redis client
+    }
+
+
+def drain_budget_s(settings: IngestSettings) -> float:
+    """The longest an actor takes to return from ``run()`` once ``stop()`` is called."""
+    return sum(drain_stages(settings).values())
 
 
 class Consumer:
@@ -58,11 +100,15 @@ class Consumer:
         self._closing = asyncio.Event()  # drained: the long-lived loops return
         self._in_flight: dict[bytes, asyncio.Task[None]] = {}
         self._working: set[bytes] = set()  # in flight and past the wait for a slot
-        self._acks: list[bytes] = []
+        self._acks: dict[bytes, tuple[str, ...]] = {}  # entry id -> the counts it brings
+        self._unsent: Acks | None = None  # a flush whose reply never came: sent again as is
+        self._flushes = itertools.count()
+        self._run_id = ""
         self._unreleased: list[Entry] = []  # to give back once Redis answers again
         self._reap = ReapCursor()
         self._slots = asyncio.Semaphore(settings.actor_concurrency)
-        self._pause_backoff = Backoff(base=1.0, cap=30.0)
+        self._pause_backoff = Backoff(base=1.0, cap=settings.pause_max_s)
+        self._stages = drain_stages(settings)
 
     def pid(self) -> int:
         return os.getpid()
@@ -89,29 +135,55 @@ class Consumer:
         self.tally.run.clear()  # run() returns this run's counts (the supervisor sums them)
         self.abandoned = []
         self._closing.clear()
+        self._run_id = uuid.uuid4().hex[:12]  # names this run's flushes (their tokens)
+        settings = self.settings
         async with AsyncExitStack() as stack:
-            s3 = await open_s3(stack, self.settings.s3_endpoint_url, self.settings.s3_region)
-            redis = aioredis.from_url(self.settings.redis_url.get_secret_value())
-            stack.push_async_callback(redis.aclose)
-            queue = GroupConsumer(redis, self.settings.stream, self.settings.group, self.name)
+            s3 = await open_s3(stack, settings.s3_endpoint_url, settings.s3_region)
+            redis = connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
+            stack.push_async_callback(self._within, "close_redis", redis.aclose)
+            queue = GroupConsumer(redis, settings.stream, settings.group, self.name)
             stack.push_async_callback(self.pool.close)
             await self.pool.start()
-            processor = self.processor_class(self.settings, s3, redis, self.name, self.pool)
-            buckets = [self.settings.raw_bucket, self.settings.output_bucket]
-            probe = EnvProbe(s3, redis, buckets, self.pool)
-            handoff = Handoff(self.settings, redis, self.name, self.tally)
-            stack.push_async_callback(handoff.close)
+            processor = self.processor_class(settings, s3, redis, self.name, self.pool)
+            canary = Canary(
+                settings.output_bucket,
+                s3_probe_key(settings.output_prefix, self.name),
+                redis_probe_key(self.name),
+            )
+            buckets = [settings.raw_bucket, settings.output_bucket]
+            probe = EnvProbe(s3, redis, buckets, self.pool, canary=canary)
+            handoff = Handoff(settings, redis, self.name, self.tally)
+            stack.push_async_callback(self._within, "close_handoff", handoff.close)
             tasks = Supervisor(log, lambda _name: self.tally.inc("task_crashes"))
             stack.push_async_callback(self._close_tasks, tasks)
             tasks.start("leases", lambda: self._renew_leases(queue, processor))
             tasks.start("windows", lambda: self._windows(redis, handoff))
             log.info("consumer.started", pid=os.getpid(), media_workers=self.pool.pids())
+            loop = asyncio.create_task(self._drain_loop(queue, processor, probe), name="drain")
             try:
-                await self._drain_loop(queue, processor, probe)
+                await self._until_stopped(loop)
             finally:
                 await self._finish(queue)
         log.info("consumer.stopped", **self.tally.run)
         return {**self.tally.run, "abandoned": len(self.abandoned)}
+
+    async def _until_stopped(self, loop: asyncio.Task[None]) -> None:
+        """Wait for the drain loop. Once ``stop()`` is called it has the "notice" stage to
+        return (it looks at the stop flag every turn: within a second, unless a Redis call
+        hangs), then it is cancelled. Re-raises what the loop raised."""
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([loop, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not loop.done():
+                await asyncio.wait([loop], timeout=self._stages["notice"])
+        finally:
+            stopping.cancel()
+            if not loop.done():
+                log.warning("consumer.loop_cancelled", note="its turn outlasted the stop")
+                loop.cancel()
+                await asyncio.wait([loop], timeout=self._stages["loop_cancel"])
+        if loop.done() and not loop.cancelled():
+            loop.result()
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -126,11 +198,40 @@ class Consumer:
                 else:
                     await self._while_paused(queue, probe)
                 backoff.reset()
-            except RedisError as exc:  # Redis restarting or unreachable: wait, keep our work
-                self.tally.inc("redis_errors")
-                delay = backoff.next()
-                log.warning("queue.unavailable", error=repr(exc)[:200], retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+            except RedisError as exc:  # Redis restarting, unreachable, refusing: keep our work
+                await self._queue_failed(queue, exc, backoff)
+
+    async def _queue_failed(self, queue: GroupConsumer, exc: RedisError, backoff: Backoff) -> None:
+        """A fetch or a flush failed. A lost consumer group is created again; a Redis that
+        refuses what every chunk needs pauses the consumer; then wait and try again."""
+        self.tally.inc("redis_errors")
+        if is_lost_group(exc) and await self._recreate_group(queue):
+            return
+        if classify(exc) is Failure.ENVIRONMENT:
+            self._pause(f"redis: {describe(exc)}")
+        delay = backoff.next()
+        log.warning("queue.unavailable", error=repr(exc)[:200], retry_in_s=round(delay, 2))
+        await _wait(self._stop, delay)
+
+    async def _recreate_group(self, queue: GroupConsumer) -> bool:
+        """NOGROUP: Redis lost the stream or its group (restarted without persistence,
+        FLUSHALL, XGROUP DESTROY). Create it again, from the stream's start, so entries
+        added since are delivered; the bucket can rebuild what was lost (reconcile)."""
+        try:
+            created = await ensure_group(queue.client, queue.stream, queue.group)
+        except RedisError as exc:
+            log.warning("queue.group_recreate_failed", error=repr(exc)[:200])
+            return False
+        self._reap = ReapCursor()
+        if created:  # else another consumer was first
+            self.tally.inc("groups_recreated")
+            log.error(
+                "queue.group_recreated",
+                stream=queue.stream,
+                group=queue.group,
+                note="Redis lost the consumer group; entries lost with it: cloud-ingest reconcile",
+            )
+        return True
 
     async def _step(self, queue: GroupConsumer, processor: ChunkProcessor, probe: EnvProbe) -> None:
         free = self.settings.batch_size - len(self._in_flight)
@@ -142,8 +243,19 @@ class Consumer:
                 task.add_done_callback(self._watch)
                 self._in_flight[entry.id] = task
         else:
-            await asyncio.wait(self._in_flight.values(), return_when=asyncio.FIRST_COMPLETED)
+            await self._until_a_chunk_ends()
         await self._flush_acks(queue)
+
+    async def _until_a_chunk_ends(self) -> None:
+        """The batch is full: wait for one of its chunks, or for a stop (the drain must not
+        wait for slow chunks in every slot to finish first)."""
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait(
+                [*self._in_flight.values(), stopping], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopping.cancel()
 
     async def _fetch(self, queue: GroupConsumer, count: int) -> list[Entry]:
         """Stale entries of dead consumers (reaper) when due, else own pending, else new."""
@@ -174,7 +286,7 @@ class Consumer:
             await self._release(queue, [entry])
             raise
         except Exception as exc:
-            await self._failed(queue, probe, entry, exc)
+            await self._failed(queue, processor, probe, entry, exc)
         finally:
             self._in_flight.pop(entry.id, None)
             self._working.discard(entry.id)
@@ -184,11 +296,11 @@ class Consumer:
         if entry.deliveries > limit:  # consumers died on it (or were killed) that often
             raise Rejected("max_deliveries", f"delivered {entry.deliveries} times, limit {limit}")
         if not entry.fields:  # deleted while pending: nothing to do but forget it
-            self._acks.append(entry.id)
+            self._acks[entry.id] = ()
             return
         outcome = await processor.process(entry, self._slot(entry.id))
-        self._count(outcome)
-        self._acks.append(entry.id)
+        self._acks[entry.id] = self._count(outcome)
+        self._pause_backoff.reset()  # the environment works: a later pause starts afresh
         logs.chunk_line(
             log.info,
             outcome.status,
@@ -206,30 +318,54 @@ class Consumer:
             self._working.add(entry_id)
             yield
 
-    def _count(self, outcome: Outcome) -> None:
-        self.tally.inc(outcome.status)
+    def _count(self, outcome: Outcome) -> tuple[str, ...]:
+        """The counts this chunk's acknowledgement brings (written only if the entry is
+        still ours when it is acknowledged); its stage seconds are counted in any case."""
+        names = [outcome.status]
         if outcome.waited:
-            self.tally.inc("lock_waits")
+            names.append("lock_waits")
         if outcome.status == "processed":
-            self.tally.inc(f"verdict_{outcome.verdict}")
+            names.append(f"verdict_{outcome.verdict}")
             for stage, spent in outcome.timings.items():
                 self.tally.spent(stage.removesuffix("_s"), spent)
+        return tuple(names)
 
     async def _failed(
-        self, queue: GroupConsumer, probe: EnvProbe, entry: Entry, exc: Exception
+        self,
+        queue: GroupConsumer,
+        processor: ChunkProcessor,
+        probe: EnvProbe,
+        entry: Entry,
+        exc: Exception,
     ) -> None:
         kind = classify(exc)
-        if kind is Failure.SUSPECT:
+        problem = None
+        if kind is Failure.ENVIRONMENT:  # Redis refusing what every chunk needs
+            problem = f"redis: {describe(exc)}"
+        elif kind is Failure.SUSPECT:
             problem = await probe.check()
-            if problem is not None:  # our environment, not the chunk: pause, give it back
-                self._pause(problem)
-                await self._release(queue, [entry])
-                return
+            if problem is None and isinstance(exc, RawReadFailed):
+                problem = self._reads_fail(processor, probe, entry, exc)
             kind = Failure.TRANSIENT  # we can reach everything: this chunk's own failure
+        if problem is not None:  # our environment, not the chunk: pause, give it back
+            self._pause(problem)
+            await self._release(queue, [entry])
+            return
         self.tally.inc("failed_attempts")
         self._log_failure(kind, entry, exc)
         if entry.deliveries >= self.settings.max_deliveries:  # that was the last try
             await self._dead_letter(queue, entry, self._last_failure(kind, entry, exc))
+
+    def _reads_fail(
+        self, processor: ChunkProcessor, probe: EnvProbe, entry: Entry, exc: RawReadFailed
+    ) -> str | None:
+        """A raw read failed while the probe passed: that chunk's, unless chunks in a row
+        fail alike (then the probe reads one of their objects until it can)."""
+        if not processor.reads.failed(entry.id, exc):
+            return None
+        probe.raw_canary = (exc.bucket, exc.key)
+        n = processor.reads.threshold
+        return f"s3 GetObject fails with {exc.code} for {n} chunks in a row (last {exc})"
 
     def _log_failure(self, kind: Failure, entry: Entry, exc: Exception) -> None:
         where = {"entry_id": entry.id.decode(), "deliveries": entry.deliveries}
@@ -264,12 +400,14 @@ class Consumer:
             log.warning(
                 "chunk.dead_letter_failed", entry_id=entry.id.decode(), error=repr(err)[:200]
             )
+            if classify(err) is Failure.ENVIRONMENT:
+                self._pause(f"redis: {describe(err)}")
             return
         if not moved:  # the reaper gave it to another consumer meanwhile: theirs now
             log.warning("chunk.dead_letter_skipped", entry_id=entry.id.decode(), reason=exc.reason)
             return
-        self.tally.inc("dead_lettered")
-        self.tally.inc(f"rejected_{exc.reason}")
+        self.tally.note("dead_lettered")  # the script counted it in Redis
+        self.tally.note(f"rejected_{exc.reason}")
         log.warning(
             "chunk",
             outcome="dead_lettered",
@@ -288,10 +426,12 @@ class Consumer:
             log.error("consumer.paused", reason=problem, note="entries go back to the others")
 
     async def _while_paused(self, queue: GroupConsumer, probe: EnvProbe) -> None:
-        """No fetching; back off, probe again, resume once everything answers."""
-        await self._flush_acks(queue)
+        """No fetching; back off, probe again, resume once everything answers. The back-off
+        grows across pauses until a chunk succeeds again (a fault the probe cannot see
+        pauses the consumer again at once, and not ever faster)."""
         if await _wait(self._stop, self._pause_backoff.next()):
             return
+        await self._flush_acks(queue)
         problem = await probe.check(fresh=True)
         if problem is not None:
             log.warning("consumer.still_paused", reason=problem)
@@ -301,7 +441,7 @@ class Consumer:
         await self._release(queue, idle)
         log.warning("consumer.resumed", was=self.paused)
         self.paused = None
-        self._pause_backoff.reset()
+        probe.raw_canary = None
 
     async def _release(self, queue: GroupConsumer, entries: list[Entry]) -> None:
         """Entries back to the group uncounted (see GroupConsumer.release); never raises."""
@@ -319,37 +459,69 @@ class Consumer:
     # -- acknowledgements, drain ------------------------------------------------------------
 
     async def _flush_acks(self, queue: GroupConsumer) -> None:
-        """Acknowledgements and the totals' increments, in one transaction: a chunk counts
-        as processed exactly when it is acknowledged (see cloud_ingest.totals)."""
-        acks, self._acks = self._acks, []
-        taken = self.tally.take()
-        group = self.settings.group
-        try:
-            await queue.ack(acks, also=lambda pipe: write_increments(pipe, group, self.name, taken))
-        except RedisError:
-            self._acks.extend(acks)  # not lost: retried with the next flush
-            self.tally.give_back(taken)
-            raise
+        """Acknowledgements and the totals' increments, in one script (see
+        cloud_ingest.totals): a chunk counts as processed exactly when it is acknowledged,
+        and only by the consumer whose entry it still was. A flush whose reply never came
+        is kept and sent again as it is: its token makes a second application a no-op; then
+        what was acknowledged meanwhile follows in a batch of its own."""
+        while True:
+            batch = self._unsent
+            if batch is None:
+                counts, seconds = self.tally.take()
+                token = f"{self._run_id}:{next(self._flushes)}"
+                batch, self._acks = Acks(self._acks, dict(counts), seconds, token), {}
+                if not batch:
+                    return
+                self._unsent = batch
+            await queue.ack(batch)  # raises: kept in _unsent
+            self._unsent = None
+            self._settle(batch)
+
+    def _settle(self, batch: Acks) -> None:
+        # (A batch applied before, by a send whose reply was lost: its entries were
+        # acknowledged then, those that were ours; this run's tally counts them all.)
+        acked = set(batch.entries) if batch.applied_before else set(batch.acked)
+        lost = []
+        for entry_id, names in batch.entries.items():
+            if entry_id in acked:
+                for name in names:
+                    self.tally.note(name)
+            elif names:
+                lost.append(entry_id.decode())
+        if lost:  # the reaper gave them to another consumer: theirs to count
+            self.tally.inc("leases_lost", len(lost))
+            log.warning("lease.lost", at="ack", entry_ids=lost[:20], entries=len(lost))
 
     async def _finish(self, queue: GroupConsumer) -> None:
         """Drain: entries not yet at work go back at once; work in progress gets
         INGEST_DRAIN_TIMEOUT_S, then is cancelled (its media worker killed) and its entry
-        left pending for the next consumer, noted in ``abandoned``."""
-        await _cancel([t for i, t in self._in_flight.items() if i not in self._working])
+        left pending for the next consumer, noted in ``abandoned``; then the last
+        acknowledgements. Each stage is held to its share of ``drain_stages``."""
+        stages = self._stages
+        await _cancel(
+            [t for i, t in self._in_flight.items() if i not in self._working], stages["release"]
+        )
         working = dict(self._in_flight)
         if working:
-            _, late = await asyncio.wait(working.values(), timeout=self.settings.drain_timeout_s)
+            _, late = await asyncio.wait(working.values(), timeout=stages["work"])
             if late:
                 self.abandoned = [i.decode() for i, t in working.items() if t in late]
-                await _cancel(list(late))
+                await _cancel(list(late), stages["cancel"])
                 log.error(
                     "consumer.drain_incomplete",
                     abandoned=self.abandoned,
                     drain_timeout_s=self.settings.drain_timeout_s,
                     note="left pending: the next consumer takes them up",
                 )
-        with contextlib.suppress(RedisError):
-            await self._flush_acks(queue)
+        try:
+            await asyncio.wait_for(self._flush_acks(queue), stages["acks"])
+        except (RedisError, TimeoutError) as exc:
+            log.warning(
+                "consumer.acks_unflushed",
+                entries=len(self._unsent.entries) if self._unsent else 0,
+                error=repr(exc)[:200],
+                note="left pending: redone as duplicates",
+            )
 
     # -- long-lived tasks (supervised) --------------------------------------------------------
 
@@ -399,19 +571,26 @@ class Consumer:
         running = list(tasks.tasks.values())
         late: set[asyncio.Task[None]] = set()
         if running:
-            _, late = await asyncio.wait(running, timeout=CLOSE_GRACE_S)
+            _, late = await asyncio.wait(running, timeout=self._stages["tasks_return"])
         if late:
             try:
-                await asyncio.wait_for(tasks.stop(), CLOSE_GRACE_S)
+                await asyncio.wait_for(tasks.stop(), self._stages["tasks_cancel"])
             except TimeoutError:
                 log.error("consumer.tasks_stuck", tasks=sorted(t.get_name() for t in late))
 
+    async def _within(self, stage: str, close: Callable[[], Awaitable[None]]) -> None:
+        """Close something within its drain stage's share (a peer gone silent)."""
+        try:
+            await asyncio.wait_for(close(), self._stages[stage])
+        except TimeoutError:
+            log.error("consumer.close_stuck", stage=stage)
 
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+
+async def _cancel(tasks: list[asyncio.Task[None]], grace: float) -> None:
     for task in tasks:
         task.cancel()
     if tasks:
-        _, stuck = await asyncio.wait(tasks, timeout=CLOSE_GRACE_S)
+        _, stuck = await asyncio.wait(tasks, timeout=grace)
         if stuck:
             log.error("consumer.tasks_stuck", tasks=len(stuck))
 

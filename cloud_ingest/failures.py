@@ -3,10 +3,15 @@ our own bug.
 
 - ``Rejected`` never reaches here: it is dead-lettered at once with its reason.
 - A media time limit (``ProcessTimeout``) or a worker that died is a failed attempt.
-- S3, credential, connection and Redis errors *may* be the environment's: a probe of the
-  consumer's own access decides (``EnvProbe``), never one chunk's error. When the probe
-  fails the consumer pauses and gives its entries back uncounted; when it passes, the
-  error was that chunk's (one object with a bad ACL) and counts as a failed attempt.
+- Redis refusing what every chunk needs (maxmemory ``OOM``, a ``READONLY`` replica after a
+  failover, ``NOPERM`` from ACL drift, a password no longer accepted) is the environment's
+  whatever the chunk: the consumer pauses at once, uncounted, and never dead-letters.
+- Other S3, credential, connection and Redis errors *may* be the environment's: a probe of
+  the consumer's own access decides (``EnvProbe``: it writes and reads back, not only
+  pings), never one chunk's error. When the probe fails the consumer pauses and gives its
+  entries back uncounted; when it passes, the error was that chunk's (one object with a
+  bad ACL) and counts as a failed attempt, unless the raw reads of several chunks in a row
+  fail alike (``ReadBreaker``): then it is this consumer's access after all.
 - Anything else is an internal error: our bug. Logged with its traceback, counted,
   retried like a failed attempt and finally dead-lettered as ``internal_error`` with the
   exception's type, so ``dlq requeue --reason internal_error`` replays them after a fix.
@@ -18,11 +23,18 @@ import asyncio
 import enum
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
 
 from cloud_ingest.media_pool import (
     MediaPool,
@@ -31,11 +43,26 @@ from cloud_ingest.media_pool import (
     WorkerError,
     WorkerStartFailed,
 )
+from cloud_ingest.objects import get_bounded
+from shared.s3 import is_not_found
 
 # Concurrent failures share one probe; a result is reused for this long.
 PROBE_REUSE_S = 2.0
 PROBE_TIMEOUT_S = 10.0
 
+
+class RawReadFailed(Exception):
+    """The GET of a chunk's raw object failed with an S3 error other than "no such key"."""
+
+    def __init__(self, code: str, bucket: str, key: str) -> None:
+        super().__init__(f"s3 GetObject s3://{bucket}/{key}: {code}")
+        self.code = code
+        self.bucket = bucket
+        self.key = key
+
+
+# Redis errors no chunk can cause: every chunk would meet them.
+ENVIRONMENT = (OutOfMemoryError, ReadOnlyError, NoPermissionError, AuthenticationError)
 
 # Errors of S3 (BotoCoreError: missing credentials, endpoint, connection and read
 # timeouts), Redis, HTTP and the OS (TimeoutError included), and a media worker that
@@ -43,6 +70,7 @@ PROBE_TIMEOUT_S = 10.0
 SUSPECTS = (
     ClientError,
     BotoCoreError,
+    RawReadFailed,
     RedisError,
     aiohttp.ClientError,
     OSError,
@@ -54,6 +82,7 @@ class Failure(enum.Enum):
     TIMEOUT = "process_timeout"  # the dead-letter reason after the last attempt
     TRANSIENT = "max_deliveries"
     SUSPECT = "suspect"  # environment or chunk: the probe decides
+    ENVIRONMENT = "environment"  # never the chunk's: pause
     INTERNAL = "internal_error"
 
 
@@ -64,9 +93,15 @@ def classify(exc: BaseException) -> Failure:
         return Failure.TRANSIENT
     if isinstance(exc, WorkerError):
         return Failure.INTERNAL
+    if isinstance(exc, ENVIRONMENT):
+        return Failure.ENVIRONMENT
     if isinstance(exc, SUSPECTS):
         return Failure.SUSPECT
     return Failure.INTERNAL
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def error_type(exc: BaseException) -> str:
@@ -74,16 +109,61 @@ def error_type(exc: BaseException) -> str:
     return exc.kind if isinstance(exc, WorkerError) else type(exc).__name__
 
 
-class EnvProbe:
-    """Can this consumer reach what every chunk needs? ``HeadBucket`` on the raw and output
-    buckets, a Redis ``PING``, and a media worker that starts. Returns None when sound,
-    else what failed. At most one probe at a time; a recent result is reused."""
+class ReadBreaker:
+    """``threshold`` distinct chunks in a row whose raw GET failed with the same S3 error
+    code while the probe passed: not those chunks but this consumer's access (a policy that
+    lets it list the bucket but not read it, a KMS key it may not use), which HeadBucket
+    cannot see. Any raw read that succeeds starts the count again."""
 
-    def __init__(self, s3: Any, redis: Any, buckets: list[str], pool: MediaPool) -> None:
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.code: str | None = None
+        self.chunks: set[bytes] = set()
+
+    def failed(self, entry_id: bytes, exc: RawReadFailed) -> bool:
+        """Note a failed read; True when that makes ``threshold`` in a row."""
+        if exc.code != self.code:
+            self.code, self.chunks = exc.code, set()
+        self.chunks.add(entry_id)
+        return len(self.chunks) >= self.threshold
+
+    def succeeded(self) -> None:
+        self.code, self.chunks = None, set()
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    """What the probe writes and reads back: an object under the output prefix, a key."""
+
+    bucket: str
+    key: str
+    redis_key: str
+    body: bytes = b"cloud-ingest environment probe\n"
+
+
+class EnvProbe:
+    """Can this consumer do what every chunk needs? ``HeadBucket`` on the raw and output
+    buckets; with a ``canary``, a PUT and a GET of a small object in the output bucket and
+    a Redis write (``SET … PX``: a Redis that answers PING can still refuse every write),
+    else a Redis ``PING``; a read of ``raw_canary`` (a raw object other chunks failed to
+    read) while one is set; and a media worker that starts. Returns None when sound, else
+    what failed. At most one probe at a time; a recent result is reused."""
+
+    def __init__(
+        self,
+        s3: Any,
+        redis: Any,
+        buckets: list[str],
+        pool: MediaPool,
+        *,
+        canary: Canary | None = None,
+    ) -> None:
         self.s3 = s3
         self.redis = redis
         self.buckets = buckets
         self.pool = pool
+        self.canary = canary
+        self.raw_canary: tuple[str, str] | None = None  # (bucket, key)
         self._last: tuple[float, str | None] | None = None
         self._running: asyncio.Future[str | None] | None = None
 
@@ -106,14 +186,49 @@ class EnvProbe:
                 f"s3 HeadBucket {bucket}", self.s3.head_bucket(Bucket=bucket)
             ):
                 return problem
-        if problem := await _attempt("redis PING", self.redis.ping()):
+        canary = self.canary
+        if canary is not None:
+            where = f"s3://{canary.bucket}/{canary.key}"
+            if problem := await _attempt(f"s3 canary {where}", self._s3_canary(canary)):
+                return problem
+        if self.raw_canary is not None:
+            bucket, key = self.raw_canary
+            if problem := await _attempt(
+                f"s3 GetObject s3://{bucket}/{key}", self._raw_read(bucket, key)
+            ):
+                return problem
+        if canary is None:
+            if problem := await _attempt("redis PING", self.redis.ping()):
+                return problem
+        elif problem := await _attempt(
+            f"redis SET {canary.redis_key}",
+            self.redis.set(canary.redis_key, str(time.time()), px=60_000),
+        ):
             return problem
         return await self.pool.check()
+
+    async def _s3_canary(self, canary: Canary) -> None:
+        await self.s3.put_object(Bucket=canary.bucket, Key=canary.key, Body=canary.body)
+        back = await get_bounded(self.s3, canary.bucket, canary.key, len(canary.body))
+        if back != canary.body:
+            raise ValueError(f"read back {len(back)} bytes that differ from those written")
+
+    async def _raw_read(self, bucket: str, key: str) -> None:
+        """One byte of the object, as a chunk's download would read it (a KMS-encrypted
+        object is decrypted for it); an object since deleted proves the read is allowed."""
+        try:
+            resp = await self.s3.get_object(Bucket=bucket, Key=key, Range="bytes=0-0")
+        except ClientError as exc:
+            if is_not_found(exc):
+                return
+            raise
+        async with resp["Body"] as body:
+            await body.read()
 
 
 async def _attempt(what: str, call: Awaitable[Any]) -> str | None:
     try:
         await asyncio.wait_for(call, PROBE_TIMEOUT_S)
     except Exception as exc:
-        return f"{what}: {type(exc).__name__}: {exc}"[:500]
+        return f"{what}: {describe(exc)}"[:500]
     return None

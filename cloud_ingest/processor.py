@@ -19,6 +19,7 @@ from botocore.exceptions import ClientError
 from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
+from cloud_ingest.failures import RawReadFailed, ReadBreaker
 from cloud_ingest.filters import Analysis
 from cloud_ingest.handoff import note_processed
 from cloud_ingest.media_pool import MediaPool
@@ -34,7 +35,7 @@ from shared.keys import (
 )
 from shared.manifest import Manifest, Rejected, SignedManifest, verify_entry
 from shared.queue import Entry
-from shared.s3 import is_not_found
+from shared.s3 import error_code, is_not_found
 
 log = structlog.get_logger("cloud_ingest")
 
@@ -83,6 +84,7 @@ class ChunkProcessor:
         self.pool = pool
         self.keyring = settings.signing_keys()
         self.replay_key = settings.replay_secret()
+        self.reads = ReadBreaker(settings.raw_failures_to_pause)
         self.thresholds = settings.thresholds()
         self.options = settings.preprocess()
         self.locks: dict[bytes, tuple[str, str]] = {}  # entry id -> (lock key, holder)
@@ -140,7 +142,9 @@ class ChunkProcessor:
 
     async def _done_before(self, signed: SignedManifest, rkey: str) -> bool:
         """True for a redelivery of a processed chunk. The same chunk id with different
-        content is a replay: refused, and the existing outputs stay as they are."""
+        content is a replay: refused, and the existing outputs stay as they are. Only a
+        missing record means "not done": a missing bucket or a refusal is raised (the
+        probe decides whose it is)."""
         try:
             raw = await get_bounded(self.s3, self.settings.output_bucket, rkey, MAX_RECORD_BYTES)
         except ClientError as exc:
@@ -220,19 +224,23 @@ class ChunkProcessor:
 
     async def _download(self, m: Manifest) -> bytes:
         """The chunk's bytes, exactly ``size_bytes`` of them: a bigger object is refused from
-        its Content-Length, and never read past one byte more than declared."""
+        its Content-Length, and never read past one byte more than declared. Only "no such
+        key" is the chunk's own (``object_missing``); any other S3 error (a missing bucket,
+        a redirect, a refusal) is a failed read that the probe, and the read breaker, judge."""
         if m.size_bytes > self.settings.max_chunk_bytes:
             raise Rejected(
                 "oversized_chunk", f"{m.size_bytes} bytes > {self.settings.max_chunk_bytes}"
             )
         try:
-            return await get_bounded(self.s3, m.bucket, m.key, m.size_bytes, exact=True)
+            data = await get_bounded(self.s3, m.bucket, m.key, m.size_bytes, exact=True)
         except ClientError as exc:
             if is_not_found(exc):
                 raise Rejected("object_missing", f"s3://{m.bucket}/{m.key}") from None
-            raise
+            raise RawReadFailed(error_code(exc), m.bucket, m.key) from exc
         except SizeError as exc:
             raise Rejected("size_mismatch", f"s3://{m.bucket}/{m.key}: {exc}") from None
+        self.reads.succeeded()
+        return data
 
     async def _recent(self, m: Manifest) -> list[str]:
         """Hashes of this camera's recent chunks, other than this very chunk (a redelivery)."""

@@ -24,19 +24,19 @@ from ray.exceptions import RayActorError
 from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
-from cloud_ingest.consumer import CLOSE_GRACE_S, Consumer
+from cloud_ingest.consumer import Consumer, drain_budget_s
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.totals import read_totals
 from shared.backoff import Backoff
 from shared.http import serve
-from shared.queue import ensure_group, status
+from shared.queue import connect, ensure_group, status
 from shared.tasks import Supervisor as TaskSupervisor
 
 log = structlog.get_logger("cloud_ingest")
 
 
 async def prepare_queue(settings: IngestSettings) -> None:
-    client = aioredis.from_url(settings.redis_url.get_secret_value())
+    client = connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
     try:
         await ensure_group(client, settings.stream, settings.group)
     finally:
@@ -51,7 +51,8 @@ class Supervisor:
     flag."""
 
     WAIT_S = 1.0  # longest the loop waits before looking at the stop flag again
-    HEALTHY_RUN_S = 30.0  # a run this long before failing restarts its back-off
+    HEALTHY_RUN_S = 30.0  # a run this long before it ended restarts its back-off
+    RAY_LATENCY_S = 5.0  # on top of the actors' own drain: stop() and run()'s reply via Ray
 
     def __init__(self, settings: IngestSettings, consumer_class: type[Consumer] = Consumer) -> None:
         self.settings = settings
@@ -114,20 +115,22 @@ class Supervisor:
                 self._run(index)
 
     def _reap(self, ref: Any) -> None:
-        """A run ended: schedule the next one (at once, or after a back-off if it failed)."""
+        """A run ended: schedule the next one, after a back-off unless it ran for a while
+        (an actor that died for good fails every call at once: no spinning on it)."""
         index, started = self.runs.pop(ref)
         name = self.consumer_name(index)
         backoff = self.backoff.setdefault(index, Backoff(1.0, 30.0))
         if time.monotonic() - started >= self.HEALTHY_RUN_S:
             backoff.reset()
-        delay = 0.0
+        delay = backoff.next()
         try:
             self.totals.update(ray.get(ref))
-            log.warning("consumer.exited", consumer=name)
+            log.warning("consumer.exited", consumer=name, restart_in_s=round(delay, 2))
         except RayActorError as exc:
-            log.warning("consumer.died", consumer=name, error=str(exc)[:300])
+            log.warning(
+                "consumer.died", consumer=name, error=str(exc)[:300], restart_in_s=round(delay, 2)
+            )
         except Exception as exc:  # run() raised: a bug or a dependency; log, run it again later
-            delay = backoff.next()
             log.error(
                 "consumer.failed",
                 consumer=name,
@@ -143,8 +146,8 @@ class Supervisor:
         log.info("deployment.draining")
         for actor in self.actors.values():
             actor.stop.remote()
-        # The actors' own drain: the timeout, then cancelling and closing (CLOSE_GRACE_S each).
-        deadline = time.monotonic() + self.settings.drain_timeout_s + 3 * CLOSE_GRACE_S
+        # The actors' own drain, stage by stage as they hold themselves to it, and Ray's part.
+        deadline = time.monotonic() + drain_budget_s(self.settings) + self.RAY_LATENCY_S
         failed: list[str] = []
         while self.runs and time.monotonic() < deadline:
             done, _ = ray.wait(list(self.runs), num_returns=1, timeout=1.0)

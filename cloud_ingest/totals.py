@@ -1,9 +1,12 @@
 """Chunk outcome counts and stage seconds that survive actor restarts and kills.
 
 Each consumer counts in memory (``Tally``: this run's totals, for ``run()``'s return
-and the deployment's last log line) and adds the increments to its own Redis hash
-(``HINCRBY`` / ``HINCRBYFLOAT``) in the same MULTI/EXEC as its acknowledgements, so a
-chunk is counted exactly when it is acknowledged, kill or no kill, and the sums only
+and the deployment's last log line) and adds its counts to its own Redis hash
+(``HINCRBY`` / ``HINCRBYFLOAT``) in the script that acknowledges its entries
+(``shared.queue.ACK_SCRIPT``): each entry's own counts (processed, duplicate, its
+verdict) only if the entry was still this consumer's, the others once per flush token,
+so a chunk is counted exactly when it is acknowledged, kill, lost lease or lost reply
+notwithstanding. A dead letter is counted by the script that moves it. The sums only
 ever grow: what the metrics observer exports from them is a real counter, whatever
 happens to the actors.
 """
@@ -28,37 +31,23 @@ class Tally:
         self._seconds: dict[str, float] = {}
 
     def inc(self, name: str, n: int = 1) -> None:
+        """Count for this run and, with the next flush, in Redis."""
         self.run[name] += n
         self._counts[name] += n
+
+    def note(self, name: str, n: int = 1) -> None:
+        """Count for this run only: a script has counted it in Redis already."""
+        self.run[name] += n
 
     def spent(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
         self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
 
     def take(self) -> Increments:
-        """The increments not yet in Redis (now the caller's to write, or to give back)."""
+        """The increments not yet in Redis (now the caller's to write)."""
         taken = (self._counts, self._seconds)
         self._counts, self._seconds = Counter(), {}
         return taken
-
-    def give_back(self, taken: Increments) -> None:
-        """Increments whose write failed (MULTI/EXEC: not applied): written next time."""
-        self._counts.update(taken[0])
-        for stage, s in taken[1].items():
-            self._seconds[stage] = self._seconds.get(stage, 0.0) + s
-
-
-def write_increments(pipe: Any, group: str, consumer: str, taken: Increments) -> None:
-    """Queue ``taken`` on a (transactional) pipeline."""
-    counts, seconds = taken
-    if not counts and not seconds:
-        return
-    key = consumer_totals_key(group, consumer)
-    pipe.sadd(consumers_key(group), consumer)
-    for name, n in counts.items():
-        pipe.hincrby(key, f"count:{name}", n)
-    for stage, s in seconds.items():
-        pipe.hincrbyfloat(key, f"seconds:{stage}", s)
 
 
 async def read_totals(

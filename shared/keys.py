@@ -105,3 +105,21 @@ def consumer_totals_key(group: str, consumer: str) -> str:
 def consumers_key(group: str) -> str:
     """The consumers of ``group`` that ever kept totals (a set), for the metrics observer."""
     return f"ingest:consumers:{group}"
+
+
+def flushed_key(group: str, consumer: str) -> str:
+    """The token of the consumer's last totals flush applied: a flush sent again after its
+    reply was lost is recognised and not counted twice."""
+    return f"ingest:flushed:{group}:{consumer}"
+
+
+def redis_probe_key(consumer: str) -> str:
+    """The consumer's canary write (``SET … PX``): a Redis that answers PING but refuses
+    writes (maxmemory, a read-only replica, ACL drift) fails the environment probe."""
+    return f"ingest:probe:{consumer}"
+
+
+def s3_probe_key(prefix: str, consumer: str) -> str:
+    """The consumer's canary object in the output bucket (PUT, then GET): a consumer that
+    may list the buckets but not write or read objects fails the environment probe."""
+    return _join(prefix, "_probe", consumer)

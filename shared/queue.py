@@ -13,15 +13,18 @@ another consumer is never taken back, acknowledged or dead-lettered under it.
 
 from __future__ import annotations
 
+import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
 
-from shared.keys import dlq_stream
+from shared.keys import consumer_totals_key, consumers_key, dlq_stream, flushed_key
 
 Fields = dict[bytes, bytes]
 
@@ -78,29 +81,64 @@ end
 return released
 """
 )
-# ARGV: group, me, ids. Acknowledge and delete the ones we own.
+# KEYS: stream, the consumer's totals hash, the set of consumers with totals, the consumer's
+# last flush token. ARGV: group, me, token, n, m, then n (entry id, its counts) pairs (the
+# counts comma-separated), m (count, increment) pairs, then (stage, seconds) pairs.
+# Acknowledges and deletes the entries we own and adds each one's own counts only if it was
+# ours (an entry the reaper gave to another consumer is theirs to count); the batch's other
+# counts are added once per token (a flush sent again after a lost reply is not counted
+# twice). XACK/XDEL come first: under maxmemory they still run, and once the script has
+# written, so do the increments (Redis refuses only a script's first denyoom write; a
+# MULTI/EXEC with an HINCRBY is refused whole). Returns {1} for a token applied before,
+# else {0, acknowledged ids...}.
 ACK_SCRIPT = (
     _OWNED
     + """
-local acked = 0
-for i = 3, #ARGV do
+local token, n, m = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+if token ~= '' and redis.call('GET', KEYS[4]) == token then return {1} end
+local acked, counted = {0}, false
+local counts = 6 + 2 * n
+for i = 6, counts - 1, 2 do
   if owned(ARGV[i]) then
     redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
     redis.call('XDEL', KEYS[1], ARGV[i])
-    acked = acked + 1
+    acked[#acked + 1] = ARGV[i]
+    for name in string.gmatch(ARGV[i + 1], '[^,]+') do
+      redis.call('HINCRBY', KEYS[2], 'count:' .. name, 1)
+      counted = true
+    end
   end
 end
+local seconds = counts + 2 * m
+for i = counts, seconds - 1, 2 do
+  redis.call('HINCRBY', KEYS[2], 'count:' .. ARGV[i], ARGV[i + 1])
+end
+for i = seconds, #ARGV, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[2], 'seconds:' .. ARGV[i], ARGV[i + 1])
+end
+if seconds > counts or #ARGV >= seconds then
+  counted = true
+  if token ~= '' then redis.call('SET', KEYS[4], token) end
+end
+if counted then redis.call('SADD', KEYS[3], ARGV[2]) end
 return acked
 """
 )
-# KEYS: stream, dlq. ARGV: group, me, id, then the letter's field/value pairs.
+# KEYS: stream, dlq, the consumer's totals hash, the set of consumers with totals.
+# ARGV: group, me, id, reason, then the letter's field/value pairs. The letter is counted
+# by the script that moves it (dead_lettered, rejected_<reason>): never lost to a lost
+# reply, never counted by a consumer whose entry it no longer was. XADD comes first: when
+# Redis refuses it (maxmemory), nothing has been deleted.
 DEAD_LETTER_SCRIPT = (
     _OWNED
     + """
 if not owned(ARGV[3]) then return 0 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'count:dead_lettered', 1)
+redis.call('HINCRBY', KEYS[3], 'count:rejected_' .. ARGV[4], 1)
+redis.call('SADD', KEYS[4], ARGV[2])
 return 1
 """
 )
@@ -114,6 +152,26 @@ class Entry:
 
 
 @dataclass(slots=True)
+class Acks:
+    """One flush of acknowledgements and counts (``GroupConsumer.ack``).
+
+    ``entries``: entry id -> the counts its acknowledgement brings (added only if the entry
+    was still ours); ``counts`` and ``seconds``: added once per ``token`` (empty: no
+    counts). After ``ack``: ``acked``, the ids acknowledged; ``applied_before``, the
+    token had been applied already (a flush sent again after its reply was lost)."""
+
+    entries: dict[bytes, tuple[str, ...]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    token: str = ""
+    acked: list[bytes] = field(default_factory=list)
+    applied_before: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.counts or self.seconds)
+
+
+@dataclass(slots=True)
 class ReapCursor:
     position: bytes = b"0-0"
     last_run: float = field(default=0.0)
@@ -124,13 +182,52 @@ async def publish(client: aioredis.Redis, stream: str, fields: dict[str, bytes])
     return bytes(entry_id)
 
 
-async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
-    """Create the consumer group (and the stream) if needed; an existing group is kept."""
+async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> bool:
+    """Create the consumer group (and the stream) if needed, reading from the stream's start
+    (id 0: entries added before it existed are delivered too); an existing group is kept.
+    True if it was created."""
     try:
         await client.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+        return False
+    return True
+
+
+def is_lost_group(exc: BaseException) -> bool:
+    """The stream or its consumer group is gone (a Redis restarted without persistence,
+    FLUSHALL, XGROUP DESTROY): every group command fails with NOGROUP until it is created
+    again."""
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+
+
+# TCP keepalive probes after 30 s of silence, 10 s apart, 3 of them: a peer that vanished
+# without a reset (a crashed host, a dropped NAT entry) is noticed within a minute or so.
+_KEEPALIVE = {
+    opt: value
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if (opt := getattr(socket, name, None)) is not None
+}
+HEALTH_CHECK_S = 30  # a connection idle this long is PINGed before it is used again
+
+
+def connect(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client that never waits for ever on a peer gone silent: every read and connect is
+    bounded by ``timeout_s`` (above the longest XREADGROUP block), TCP keepalive is on, an
+    idle connection is checked before reuse, and a command that met a broken connection is
+    sent once more on a new one. (Only once: what a command re-sent after a lost reply does
+    twice must be harmless, as the owner-checked scripts here make it; our own loops retry
+    the rest.)"""
+    return aioredis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        socket_keepalive=True,
+        socket_keepalive_options=_KEEPALIVE,
+        health_check_interval=HEALTH_CHECK_S,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 1),
+    )
 
 
 class GroupConsumer:
@@ -223,23 +320,45 @@ class GroupConsumer:
         )
         return int(released)
 
-    async def ack(self, ids: Sequence[bytes], *, also: Callable[[Any], None] | None = None) -> int:
+    async def ack(self, acks: Sequence[bytes] | Acks) -> int:
         """Acknowledge and delete in one round trip (XACK alone never frees memory), only
-        the entries we own. ``also`` queues more commands in the same MULTI/EXEC: applied
-        together with the acknowledgements or not at all. Returns how many were ours."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            if ids:
-                pipe.eval(ACK_SCRIPT, 1, self.stream, self.group, self.name, *ids)
-            if also is not None:
-                also(pipe)
-            if not pipe.command_stack:
-                return 0
-            replies = await pipe.execute()
-        return int(replies[0]) if ids else 0
+        the entries we own, and add to this consumer's totals what ``acks`` carries (see
+        ACK_SCRIPT). Returns how many were acknowledged now; an ``Acks`` also says which."""
+        batch = acks if isinstance(acks, Acks) else Acks(dict.fromkeys(acks, ()))
+        if not batch:
+            return 0
+        if any(b"," in name.encode() for names in batch.entries.values() for name in names):
+            raise ValueError("a count's name may not contain a comma")
+        args: list[bytes | str] = [
+            self.group,
+            self.name,
+            batch.token,
+            str(len(batch.entries)),
+            str(len(batch.counts)),
+        ]
+        for entry_id, names in batch.entries.items():
+            args += [entry_id, ",".join(names)]
+        for name, n in batch.counts.items():
+            args += [name, str(n)]
+        for stage, seconds in batch.seconds.items():
+            args += [stage, repr(float(seconds))]
+        reply: Any = await self.client.eval(ACK_SCRIPT, 4, *self._totals_keys(), *args)
+        batch.applied_before = int(reply[0]) == 1
+        batch.acked = [bytes(x) for x in reply[1:]]
+        return len(batch.acked)
+
+    def _totals_keys(self) -> tuple[str, str, str, str]:
+        return (
+            self.stream,
+            consumer_totals_key(self.group, self.name),
+            consumers_key(self.group),
+            flushed_key(self.group, self.name),
+        )
 
     async def dead_letter(self, entry: Entry, reason: str, detail: str) -> bool:
-        """Move an entry to ``{stream}:dlq`` with its reason, atomically with the ack. False
-        when the entry is no longer ours (its new owner decides what becomes of it)."""
+        """Move an entry to ``{stream}:dlq`` with its reason, atomically with the ack, and
+        count it in this consumer's totals. False when the entry is no longer ours (its new
+        owner decides what becomes of it)."""
         letter: dict[bytes, bytes] = dict(list(entry.fields.items())[:MAX_LETTER_FIELDS])
         if len(entry.fields) > MAX_LETTER_FIELDS:
             letter[b"truncated_fields"] = str(len(entry.fields) - MAX_LETTER_FIELDS).encode()
@@ -255,7 +374,17 @@ class GroupConsumer:
         )
         pairs = [x for item in letter.items() for x in item]
         moved: Any = await self.client.eval(
-            DEAD_LETTER_SCRIPT, 2, self.stream, self.dlq, self.group, self.name, entry.id, *pairs
+            DEAD_LETTER_SCRIPT,
+            4,
+            self.stream,
+            self.dlq,
+            consumer_totals_key(self.group, self.name),
+            consumers_key(self.group),
+            self.group,
+            self.name,
+            entry.id,
+            reason,
+            *pairs,
         )
         return bool(moved)
 

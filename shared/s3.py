@@ -42,13 +42,16 @@ async def open_s3(
     )
 
 
+def error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def is_not_found(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") in (
-        "404",
-        "NoSuchKey",
-        "NotFound",
-        "NoSuchBucket",
-    )
+    """The *object* is not there. A missing bucket (``NoSuchBucket``), a redirect or a
+    refusal is not: those say something about the caller's access or configuration, not
+    about one object. (A HEAD has no body, so its 404 cannot tell a missing bucket from a
+    missing key: callers that must know read the bucket first.)"""
+    return error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
 
 async def object_exists(s3: Any, bucket: str, key: str) -> bool:

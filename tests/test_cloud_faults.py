@@ -8,34 +8,44 @@ short and a supervisor whose back-off never blocks its loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
+import redis.asyncio as aioredis
 
-from cloud_ingest.consumer import Consumer
+from cloud_ingest.consumer import Consumer, drain_budget_s
 from cloud_ingest.processor import ChunkProcessor
 from cloud_ingest.supervisor import Supervisor
+from cloud_ingest.totals import read_totals
 from devstack.proxy import HttpTap
 from edge_agent.segmenter import ClosedChunk
-from shared.manifest import parse_manifest
-from shared.queue import Entry
+from shared.manifest import parse_manifest, sign
+from shared.queue import Acks, Entry, GroupConsumer, connect, ensure_group, publish
 from tests.support import (
+    KEY_ID,
     S3,
+    SECRET,
     SLOW_WORK,
     Edge,
+    SilentProxy,
     Stack,
     cloud_ingest,
     eventually,
+    holds,
     ingest_settings,
+    own_redis,
     queue_state,
     report_figures,
     slow_chunk_in,
+    start_consumer,
 )
 
 
@@ -560,3 +570,481 @@ async def test_cloud_faults_a_media_worker_killed_mid_chunk_fails_only_that_atte
     assert records[slow.chunk_id]["deliveries"] == 2
     assert records[small.chunk_id]["deliveries"] == 1
     assert not set(after) & set(killed)
+
+
+# -- review of items 6-12: faults a PING cannot see, stops, counters, dead actors ----------
+
+
+async def _stats(actor: Any) -> dict[str, float]:
+    try:
+        stats: dict[str, float] = await asyncio.wait_for(actor.stats.remote(), 5)
+    except (ray.exceptions.RayError, TimeoutError):
+        return {}
+    return stats
+
+
+async def test_cloud_faults_redis_refusing_writes_pauses_and_dead_letters_nothing(
+    stack: Stack, s3: S3, chunks: list[ClosedChunk], tmp_path: Path
+) -> None:
+    """A Redis that answers PING but refuses every write (`maxmemory` below what it holds,
+    noeviction: OOM), set in the same transaction that announces 6 chunks to a running
+    consumer. Each chunk needs a write (its camera's owner, its lock) and so does the
+    probe's canary (`SET ingest:probe:… PX`): the consumer pauses, uncounted, holds
+    nothing back from the others and stays in that one pause while Redis refuses; nothing
+    is dead-lettered, no attempt is counted. With its memory back (`maxmemory 0`) it
+    resumes and processes every chunk, each on its first counted delivery. (A probe that
+    only PINGs counted every attempt, and the DLQ took every chunk as `max_deliveries`
+    once memory was freed.)"""
+    with own_redis(tmp_path) as server:
+        own = replace(stack, redis_url=server.url)
+        client = aioredis.from_url(server.url)
+        await ensure_group(client, "chunks", "ingest")
+        edge = Edge(own, s3, client)
+        settings = ingest_settings(own, visibility_timeout_s=2, max_deliveries=2, pause_max_s=2)
+        actor = start_consumer(settings, "consumer-oom")
+        run = actor.run.remote()
+        try:
+            await edge.send(chunks[0], 0)
+
+            async def processed(n: int) -> bool:
+                return len(await s3.records(stack.out_bucket)) == n
+
+            await eventually(lambda: processed(1), 60, "the first chunk processed")
+            async with client.pipeline(transaction=True) as pipe:
+                for seq in range(1, 7):
+                    m = await edge.send(chunks[seq % len(chunks)], seq, announce=False)
+                    pipe.xadd("chunks", sign(m, KEY_ID, SECRET.encode()).to_fields())  # type: ignore[arg-type]
+                pipe.config_set("maxmemory", "1")
+                await pipe.execute()
+            refused_at = time.monotonic()
+
+            async def paused() -> bool:
+                return (await _stats(actor)).get("paused") == 1
+
+            await eventually(paused, 30, "the consumer to pause")
+            paused_in = time.monotonic() - refused_at
+
+            async def still_sound() -> bool:
+                stats = await _stats(actor)
+                dlq = await client.xlen("chunks:dlq")
+                return stats.get("paused") == 1 and not stats.get("failed_attempts") and not dlq
+
+            await holds(still_sound, 5, "paused, no attempt counted, nothing dead-lettered")
+            during = await _stats(actor)
+            await client.config_set("maxmemory", "0")
+            freed_at = time.monotonic()
+            await eventually(lambda: processed(7), 60, "every chunk processed")
+            resumed_in = time.monotonic() - freed_at
+            after = await _stats(actor)
+            await actor.stop.remote()
+            await run
+        finally:
+            ray.kill(actor)
+            await client.config_set("maxmemory", "0")
+            state = await queue_state(server.url)
+            await client.aclose()
+    records = await s3.records(stack.out_bucket)
+    report_figures(
+        "redis_refusing_writes",
+        {
+            "chunks": 7,
+            "paused_in_s": round(paused_in, 2),
+            "released_while_paused": during.get("released", 0),
+            "pauses": after.get("pauses", 0),
+            "failed_attempts": after.get("failed_attempts", 0),
+            "resumed_and_done_in_s": round(resumed_in, 2),
+            "dlq": state["dlq"],
+        },
+    )
+    assert (state["dlq"], state["pending"], state["length"]) == (0, 0, 0)
+    assert sorted(r["manifest"]["seq"] for r in records) == list(range(7))
+    assert {r["deliveries"] for r in records} == {1}  # the refused attempts were not counted
+    assert after.get("failed_attempts", 0) == 0
+    # One pause, held while Redis refused writes: the canary write kept the probe failing
+    # (a PING-only probe resumed every back-off and the next chunk paused it again).
+    assert during["pauses"] == 1 and after["pauses"] == 1
+
+
+async def test_cloud_faults_lost_consumer_group_is_created_again(
+    stack: Stack, s3: S3, chunks: list[ClosedChunk], tmp_path: Path
+) -> None:
+    """The stream and its group vanish under a running consumer (FLUSHALL, as a Redis
+    restarted without persistence leaves it; later XGROUP DESTROY): every group command
+    answers NOGROUP. The consumer creates the group again, from the stream's start, counts
+    and logs it, and the chunks announced meanwhile are processed. (It used to log
+    `queue.unavailable` for ever, its readiness green.)"""
+    with own_redis(tmp_path) as server:
+        own = replace(stack, redis_url=server.url)
+        client = aioredis.from_url(server.url)
+        await ensure_group(client, "chunks", "ingest")
+        edge = Edge(own, s3, client)
+        actor = start_consumer(ingest_settings(own, visibility_timeout_s=2), "consumer-nogroup")
+        run = actor.run.remote()
+
+        async def processed(n: int) -> bool:
+            return len(await s3.records(stack.out_bucket)) == n
+
+        try:
+            await edge.send(chunks[0], 0)
+            await eventually(lambda: processed(1), 60, "the first chunk processed")
+            await client.flushall()  # stream, group, totals: all gone
+            for seq in (1, 2):
+                await edge.send(chunks[seq], seq)  # XADD makes a stream with no group
+            await eventually(lambda: processed(3), 30, "the chunks sent after FLUSHALL")
+            await edge.send(chunks[0], 3)
+            await client.xgroup_destroy("chunks", "ingest")
+            await eventually(lambda: processed(4), 30, "the chunk sent around XGROUP DESTROY")
+
+            async def drained() -> bool:
+                st = await queue_state(server.url)
+                return (st["length"], st["pending"]) == (0, 0)
+
+            await eventually(drained, 30, "every entry acknowledged")
+            stats = await _stats(actor)
+            await actor.stop.remote()
+            await run
+        finally:
+            ray.kill(actor)
+            state = await queue_state(server.url)
+            await client.aclose()
+    report_figures(
+        "lost_consumer_group",
+        {"groups_recreated": stats.get("groups_recreated", 0), "dlq": state["dlq"]},
+    )
+    assert stats["groups_recreated"] == 2
+    assert state["dlq"] == 0
+    assert sorted(r["manifest"]["seq"] for r in await s3.records(stack.out_bucket)) == [0, 1, 2, 3]
+
+
+async def test_cloud_faults_missing_raw_bucket_pauses_and_dead_letters_nothing(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """INGEST_RAW_BUCKET names a bucket that does not exist (a typo, a bucket deleted or not
+    yet created), and 6 manifests name it. GetObject answers NoSuchBucket: not the chunks'
+    problem, so the probe decides (HeadBucket fails) and the consumer pauses; nothing is
+    dead-lettered, no attempt counted. Once the bucket and its objects exist, every chunk
+    is processed. (NoSuchBucket was read as "no such object": 6 of 6 dead-lettered
+    `object_missing` at once.)"""
+    missing = f"{stack.raw_bucket}-missing"
+    elsewhere = replace(stack, raw_bucket=missing)
+    sender = Edge(elsewhere, s3, edge.redis)
+    sent = [await sender.send(chunks[s % len(chunks)], s, upload=False) for s in range(6)]
+    settings = ingest_settings(elsewhere, visibility_timeout_s=2, max_deliveries=2, pause_max_s=2)
+    actor = start_consumer(settings, "consumer-nobucket")
+    run = actor.run.remote()
+    try:
+
+        async def paused() -> bool:
+            return (await _stats(actor)).get("paused") == 1
+
+        await eventually(paused, 60, "the consumer to pause")
+
+        async def still_sound() -> bool:
+            stats = await _stats(actor)
+            return (
+                stats.get("paused") == 1
+                and not stats.get("failed_attempts")
+                and not await edge.redis.xlen("chunks:dlq")
+            )
+
+        await holds(still_sound, 4, "paused, no attempt counted, nothing dead-lettered")
+        await s3.client.create_bucket(Bucket=missing)
+        for m in sent:
+            await s3.put(missing, m.key, chunks[m.seq % len(chunks)].path.read_bytes())
+
+        async def done() -> bool:
+            return len(await s3.records(stack.out_bucket)) == len(sent)
+
+        await eventually(done, 60, "every chunk processed once the bucket exists")
+        stats = await _stats(actor)
+        await actor.stop.remote()
+        await run
+    finally:
+        ray.kill(actor)
+    state = await queue_state(stack.redis_url)
+    report_figures(
+        "missing_raw_bucket",
+        {"chunks": len(sent), "dlq": state["dlq"], "pauses": stats.get("pauses", 0)},
+    )
+    assert (state["dlq"], state["pending"], state["length"]) == (0, 0, 0)
+    assert stats.get("failed_attempts", 0) == 0 and stats["pauses"] >= 1
+
+
+async def test_cloud_faults_stop_is_noticed_with_slow_chunks_in_every_slot(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """INGEST_BATCH_SIZE=4 over INGEST_ACTOR_CONCURRENCY=2: two chunks processed, then four
+    slow ones fill the batch, two of them at work in both slots. stop() (what SIGTERM does)
+    is noticed at once although no chunk finishes: the two not at work go back, the two at
+    work get INGEST_DRAIN_TIMEOUT_S=1 and are then cancelled and left pending; run()
+    returns within a few seconds with the finished chunks acknowledged. (The loop waited
+    for one of the batch to finish, up to INGEST_PROCESS_TIMEOUT_S, past any deadline.)"""
+
+    class HeldInSlot(ChunkProcessor):
+        """Chunks with seq >= 100 hold their slot for an hour (slow work in every slot)."""
+
+        async def process(self, entry: Entry, slot: Any) -> Any:
+            if parse_manifest(entry.fields[b"manifest"]).seq >= 100:
+                async with slot:
+                    await asyncio.sleep(3600)
+            return await ChunkProcessor.process(self, entry, slot)
+
+    class HoldingConsumer(Consumer):
+        processor_class = HeldInSlot
+
+    settings = ingest_settings(
+        stack, batch_size=4, actor_concurrency=2, drain_timeout_s=1, close_grace_s=1
+    )
+    actor = start_consumer(settings, "consumer-held", HoldingConsumer)
+    run = actor.run.remote()
+    try:
+        for seq in (0, 1):
+            await edge.send(chunks[seq], seq)
+
+        async def finished() -> bool:
+            return len(await s3.records(stack.out_bucket)) == 2
+
+        await eventually(finished, 60, "the first two chunks processed")
+        for seq in range(100, 104):
+            await edge.send(chunks[seq % len(chunks)], seq)
+
+        async def full() -> bool:
+            stats = await _stats(actor)
+            return stats.get("in_flight") == 4 and stats.get("working") == 2
+
+        await eventually(full, 30, "the batch full, both slots at work")
+        asked = time.monotonic()
+        await actor.stop.remote()
+        result = await asyncio.wait_for(run, 20)
+        stopped_in = time.monotonic() - asked
+    finally:
+        ray.kill(actor)
+    state = await queue_state(stack.redis_url)
+    pending = await edge.redis.xpending_range("chunks", "ingest", "-", "+", 10)
+    report_figures(
+        "stop_with_full_batch",
+        {"stopped_in_s": round(stopped_in, 2), "abandoned": result["abandoned"]},
+    )
+    assert stopped_in < 5.0  # drain timeout 1 s plus the graces actually used
+    assert result["abandoned"] == 2 and result["released"] == 4
+    assert (state["length"], state["pending"], state["dlq"]) == (4, 4, 0)  # finished: acked
+    assert {int(p["times_delivered"]) for p in pending} == {0}  # given back uncounted
+
+
+async def test_cloud_faults_ack_of_an_entry_no_longer_ours_is_not_counted(
+    redis_url: str,
+) -> None:
+    """On a real Redis, the consumer's ack script: of two entries read by consumer-0, the
+    reaper has given one to consumer-1. consumer-0's flush acknowledges only its own and
+    counts only its outcome (its general counts once); sent again with the same token (a
+    reply lost, redis-py re-sending), nothing is counted twice; consumer-1, finding the
+    other chunk done, counts it a duplicate: processed + duplicate == acknowledged. A
+    dead letter is counted by the script that moves it."""
+    client = aioredis.from_url(redis_url)
+    try:
+        await ensure_group(client, "chunks", "ingest")
+        for n in range(3):
+            await publish(client, "chunks", {"n": str(n).encode()})
+        mine = GroupConsumer(client, "chunks", "ingest", "consumer-0")
+        first, second, third = await mine.read(3, None)
+        await client.xclaim("chunks", "ingest", "consumer-1", 0, [first.id], justid=True)
+        outcome = ("processed", "verdict_accepted")
+        batch = Acks(
+            {first.id: outcome, second.id: outcome}, {"reclaimed": 1}, {"download": 0.5}, "r:0"
+        )
+        assert await mine.ack(batch) == 1 and batch.acked == [second.id]
+        counted = await read_totals(client, "ingest")
+        resent = Acks(dict(batch.entries), dict(batch.counts), dict(batch.seconds), batch.token)
+        assert await mine.ack(resent) == 0 and resent.applied_before
+        theirs = GroupConsumer(client, "chunks", "ingest", "consumer-1")
+        assert await theirs.ack(Acks({first.id: ("duplicate",)}, token="t:0")) == 1
+        assert await mine.dead_letter(third, "bad_signature", "planted")
+        totals = await read_totals(client, "ingest")
+        left = await client.xlen("chunks")
+    finally:
+        await client.aclose()
+    expected = {"processed": 1.0, "verdict_accepted": 1.0, "reclaimed": 1.0}
+    assert counted == (expected, {"download": 0.5})
+    assert totals[0] == {
+        **expected,
+        "duplicate": 1.0,
+        "dead_lettered": 1.0,
+        "rejected_bad_signature": 1.0,
+    }
+    assert totals[1] == {"download": 0.5}
+    assert left == 0
+
+
+async def test_cloud_faults_redis_gone_silent_is_left_for_a_new_connection(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """The consumer reaches Redis through a proxy whose open connections go silent (no
+    reset, no bytes: a peer that vanished) while it runs, INGEST_REDIS_TIMEOUT_S=2. Its
+    calls time out, it connects again and the chunks announced afterwards are processed.
+    (Without timeouts a consumer waited on the dead connection for ever: redis-py before 7,
+    which `redis>=5.0` allows, has none by default; 7 and later default to 5 s.)"""
+    port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
+    with SilentProxy("127.0.0.1", port) as proxy:
+        settings = ingest_settings(stack, redis_url=proxy.url, redis_timeout_s=2)
+        actor = start_consumer(settings, "consumer-silenced")
+        run = actor.run.remote()
+        try:
+            await edge.send(chunks[0], 0)
+
+            async def processed(n: int) -> bool:
+                return len(await s3.records(stack.out_bucket)) == n
+
+            await eventually(lambda: processed(1), 60, "the first chunk processed")
+            silenced = proxy.go_silent()
+            since = time.monotonic()
+            for seq in (1, 2):
+                await edge.send(chunks[seq], seq)
+            await eventually(lambda: processed(3), 30, "the chunks sent after the silence")
+            recovered_in = time.monotonic() - since
+            await actor.stop.remote()
+            await asyncio.wait_for(run, 30)
+        finally:
+            ray.kill(actor)
+    report_figures(
+        "redis_gone_silent",
+        {"connections_silenced": silenced, "recovered_in_s": round(recovered_in, 2)},
+    )
+    assert silenced >= 1
+    assert (await queue_state(stack.redis_url))["pending"] == 0
+
+
+async def test_cloud_faults_a_silent_redis_call_ends_within_the_redis_timeout(
+    stack: Stack,
+) -> None:
+    """The bound itself: a call on a connection gone silent fails after the client's own
+    timeout (1 s here) and is sent once more on a new connection, so it answers within a
+    couple of seconds, well before redis-py's default 5 s (which the consumer would wait
+    without ``INGEST_REDIS_TIMEOUT_S``, and for ever on redis-py < 7)."""
+    port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
+    with SilentProxy("127.0.0.1", port) as proxy:
+        client = connect(proxy.url, 1.0)
+        try:
+            assert await client.ping()
+            assert proxy.go_silent() == 1
+            since = time.monotonic()
+            assert await client.ping()  # on a new connection, after the silent one timed out
+            answered_in = time.monotonic() - since
+        finally:
+            await client.aclose()
+    report_figures("silent_redis_call", {"timeout_s": 1.0, "answered_in_s": round(answered_in, 2)})
+    assert 1.0 <= answered_in < 4.0
+
+
+async def test_cloud_faults_supervisor_backs_off_an_actor_dead_for_good(stack: Stack) -> None:
+    """The deployment's actor is killed for good (no restart): every run() on it fails at
+    once. The supervisor tries again after a growing back-off, not in a loop as fast as
+    Ray answers."""
+    settings = ingest_settings(stack, group="ingest-dead", consumers=1, actor_cpus=0.25)
+    supervisor = Supervisor(settings)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(supervisor.serve()), daemon=True)
+    thread.start()
+    try:
+
+        async def running() -> bool:
+            actor = supervisor.actors.get(0)
+            return actor is not None and bool(await _stats(actor))
+
+        await eventually(running, 60, "the actor to run")
+        ray.kill(supervisor.actors[0], no_restart=True)
+
+        async def restarted() -> bool:
+            return supervisor.restarts >= 1
+
+        await eventually(restarted, 30, "the supervisor to see the death")
+
+        async def calm() -> bool:
+            return supervisor.restarts <= 4
+
+        await holds(calm, 5, "at most a few restarts in 5 s")
+        restarts = supervisor.restarts
+    finally:
+        supervisor.stopping.set()
+        await asyncio.to_thread(thread.join, 60)
+    report_figures("actor_dead_for_good", {"restarts_in_5_s": restarts})
+    assert restarts <= 4
+
+
+async def test_cloud_faults_supervisor_waits_for_the_actors_whole_drain(
+    stack: Stack, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """An actor whose drain uses most stages' full share, all its slow parts ignoring their
+    cancellation (as a cancelled redis-py command may): the drain loop's wait on a full
+    batch, a chunk waiting for the slot, one at work and the windows loop
+    (INGEST_REDIS_TIMEOUT_S=2, INGEST_DRAIN_TIMEOUT_S=1, INGEST_CLOSE_GRACE_S=1: about 8 s).
+    The supervisor's deadline is the sum of the very stages the actor holds itself to, so
+    it gets the run's result (both stuck entries counted abandoned) instead of giving up
+    on a run about to return (its old deadline: the drain timeout plus three graces, 4 s
+    here)."""
+
+    async def ignore_cancellation() -> None:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    class StuckProcessor(ChunkProcessor):
+        async def process(self, entry: Entry, slot: Any) -> Any:
+            if parse_manifest(entry.fields[b"manifest"]).seq == 100:  # never gets the slot
+                await ignore_cancellation()
+            async with slot:
+                await ignore_cancellation()
+            raise AssertionError("unreachable")
+
+    class StuckDrain(Consumer):
+        processor_class = StuckProcessor
+
+        async def _until_a_chunk_ends(self) -> None:
+            await ignore_cancellation()
+
+        async def _windows(self, redis: Any, handoff: Any) -> None:
+            await ignore_cancellation()
+
+    settings = ingest_settings(
+        stack,
+        consumers=1,
+        actor_cpus=0.25,
+        batch_size=2,
+        actor_concurrency=1,
+        redis_timeout_s=2,
+        drain_timeout_s=1,
+        close_grace_s=1,
+    )
+    supervisor = Supervisor(settings, StuckDrain)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(supervisor.serve()), daemon=True)
+    thread.start()
+    try:
+        for seq in (101, 100):
+            await edge.send(chunks[seq % len(chunks)], seq)
+
+        async def both_held() -> bool:
+            actor = supervisor.actors.get(0)
+            stats = await _stats(actor) if actor is not None else {}
+            return stats.get("in_flight") == 2 and stats.get("working") == 1
+
+        await eventually(both_held, 60, "one chunk at work, one waiting for the slot")
+        asked = time.monotonic()
+        supervisor.stopping.set()
+        await asyncio.to_thread(thread.join, 90)
+        drained_in = time.monotonic() - asked
+    finally:
+        supervisor.stopping.set()
+        for actor in supervisor.actors.values():
+            ray.kill(actor)
+    report_figures(
+        "supervisor_drain_deadline",
+        {
+            "drained_in_s": round(drained_in, 2),
+            "budget_s": drain_budget_s(settings),
+            "unfinished": len(supervisor.runs),
+        },
+    )
+    assert result == [1]  # the abandoned entries make the drain incomplete, as they should
+    assert supervisor.runs == {}  # but the run itself returned, and was waited for
+    assert supervisor.totals["abandoned"] == 2
+    assert drained_in < drain_budget_s(settings) + Supervisor.RAY_LATENCY_S

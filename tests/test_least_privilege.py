@@ -15,8 +15,9 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
-from contextlib import AsyncExitStack
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import aiohttp
 import botocore
 import pytest
+import ray
 import redis.asyncio as aioredis
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -33,14 +35,35 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cloud_ingest import admin
 from cloud_ingest.processor import LOCK_SCRIPT, UNLOCK_SCRIPT
-from cloud_ingest.totals import Tally, read_totals, write_increments
+from cloud_ingest.totals import read_totals
 from devstack.s3 import S3
 from devstack.servers import RedisServer, SeaweedS3, free_port
 from devstack.tls import issue, make_ca
-from shared.keys import chunk_lock_key, dlq_stream, handoff_stream, recent_hashes_key
-from shared.queue import GroupConsumer, ReapCursor, ensure_group, publish, status
+from edge_agent.segmenter import ClosedChunk
+from shared.keys import (
+    chunk_lock_key,
+    dlq_stream,
+    handoff_stream,
+    recent_hashes_key,
+    redis_probe_key,
+)
+from shared.queue import Acks, GroupConsumer, ReapCursor, ensure_group, publish, status
 from shared.s3 import is_not_found, s3_config
-from tests.support import Daemon, Stack, base_env, cloud_ingest, edge_agent, eventually, queue_state
+from tests.support import (
+    BIN,
+    Daemon,
+    Edge,
+    Stack,
+    base_env,
+    cloud_ingest,
+    edge_agent,
+    eventually,
+    holds,
+    ingest_settings,
+    queue_state,
+    report_figures,
+    start_consumer,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RAW, OUT = "cctv-raw", "cctv-processed"  # the bucket names the example files name
@@ -243,16 +266,18 @@ async def test_redis_cloud_user_runs_the_consumer_side_and_nothing_more(
         assert [e.id for e in reclaimed] == ids
         # XAUTOCLAIM counted a delivery; the released entry had gone back to its count before
         assert [e.deliveries for e in reclaimed] == [1, 2, 2]
-        # The consumers' totals (the metrics' counters) and the owner-checked ack with them.
-        taken = Tally()
-        taken.inc("processed")
-        taken.spent("download", 0.5)
-        await queue.ack(
-            [], also=lambda p: write_increments(p, "ingest", "consumer-0", taken.take())
-        )
-        assert await read_totals(cloud, "ingest") == ({"processed": 1.0}, {"download": 0.5})
-        await queue.ack([ids[0]])
+        # The consumers' totals (the metrics' counters), in the owner-checked ack script,
+        # with its flush token; the dead-letter script counts its letter.
+        batch = Acks({ids[0]: ("processed",)}, {"reclaimed": 3}, {"download": 0.5}, "run:0")
+        assert await queue.ack(batch) == 1
+        assert await queue.ack(Acks(batch.entries, batch.counts, batch.seconds, "run:0")) == 0
         await queue.dead_letter(reclaimed[1], "test_reason", "detail")
+        assert await read_totals(cloud, "ingest") == (
+            {"processed": 1.0, "reclaimed": 3.0, "dead_lettered": 1.0, "rejected_test_reason": 1.0},
+            {"download": 0.5},
+        )
+        # The environment probe's canary write.
+        assert await cloud.set(redis_probe_key("consumer-0"), "1", px=60_000)
         st = await status(cloud, STREAM, "ingest")
         assert (st.length, st.pending, st.dlq, st.added) == (1, 1, 1, 3)
         assert [c["name"] for c in st.consumers] == ["consumer-0"]
@@ -346,16 +371,57 @@ class SecureS3:
         )
 
 
+# Test-only identities, added to the example's (as the Redis ACL's housekeeper is): one that
+# may read everything but write no output, and one with the cloud's actions that a test's
+# bucket policy denies GetObject on raw objects (HeadBucket passes for both).
+MISCONFIGURED = {
+    "noread": ["Read:cctv-raw", "List:cctv-raw", "Read:cctv-processed", "Write:cctv-processed"],
+    "nowrite": ["Read:cctv-raw", "List:cctv-raw", "Read:cctv-processed"],
+}
+
+
+@asynccontextmanager
+async def raw_policy_denying(secure: SecureS3, user: str, resource: str) -> AsyncIterator[None]:
+    """The example raw-bucket policy plus a Deny of GetObject on ``resource`` to ``user``,
+    for the duration of a test; the example's own policy is put back after."""
+    example = (CONFIGS / "seaweedfs" / "raw-bucket-policy.example.json").read_text()
+    policy = json.loads(example)
+    policy["Statement"].append(
+        {
+            "Sid": "TestDeniesGetObject",
+            "Effect": "Deny",
+            "Principal": {"AWS": [f"arn:aws:iam::000000000000:user/{user}"]},
+            "Action": ["s3:GetObject"],
+            "Resource": [f"arn:aws:s3:::{resource}"],
+        }
+    )
+    async with AsyncExitStack() as stack:
+        admin_s3 = await secure.client(stack, "admin")
+        await admin_s3.put_bucket_policy(Bucket=RAW, Policy=json.dumps(policy))
+        try:
+            yield
+        finally:
+            await admin_s3.put_bucket_policy(Bucket=RAW, Policy=example)
+
+
 def render_identities(keys: dict[str, tuple[str, str]]) -> str:
     text = (CONFIGS / "seaweedfs" / "s3-identities.example.json").read_text()
     for name, (access, secret) in keys.items():
+        if name in MISCONFIGURED:
+            continue
         for placeholder, value in (
             (f"{name.upper()}_ACCESS_KEY_ID", access),
             (f"{name.upper()}_SECRET_ACCESS_KEY", secret),
         ):
             assert placeholder in text
             text = text.replace(placeholder, value)
-    return text
+    doc = json.loads(text)
+    for name, actions in MISCONFIGURED.items():
+        if name in keys:
+            access, secret = keys[name]
+            credentials = [{"accessKey": access, "secretKey": secret}]
+            doc["identities"].append({"name": name, "credentials": credentials, "actions": actions})
+    return json.dumps(doc, indent=2)
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +435,7 @@ def s3_identities(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureS3
         "admin": (f"admin-{secrets.token_hex(4)}", secrets.token_hex(20)),
         "edge": (f"edge-{secrets.token_hex(4)}", secrets.token_hex(20)),
         "cloud": (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]),
+        **{n: (f"{n}-{secrets.token_hex(4)}", secrets.token_hex(20)) for n in MISCONFIGURED},
     }
     config = workdir / "s3-identities.json"
     config.write_text(render_identities(keys))
@@ -627,3 +694,147 @@ async def test_pipeline_runs_with_least_privilege_users_over_tls(
         if edge is not None:
             edge.kill()
         cloud.kill()
+
+
+# -- Misconfigured access: what HeadBucket cannot see --------------------------------------
+
+
+async def test_s3_consumers_that_may_not_read_raw_or_write_outputs_pause(
+    secure_redis: SecureRedis,
+    s3_identities: SecureS3,
+    ray_address: str,
+    chunks: list[ClosedChunk],
+    tmp_path: Path,
+) -> None:
+    """Two consumers whose S3 identity passes HeadBucket on both buckets (all the probe
+    used to ask) but cannot do what every chunk needs: `nowrite` may read but write no
+    output; `noread` has the cloud's actions but the raw bucket's policy denies it
+    GetObject (as it denies the edge), so it may list the bucket but not read a chunk.
+    `noread`'s raw
+    reads fail with AccessDenied; after INGEST_RAW_FAILURES_TO_PAUSE=3 distinct chunks in
+    a row it pauses (and its probe reads one of their objects until that works).
+    `nowrite`'s probe PUTs and GETs a canary under the output prefix, fails, and it pauses
+    on its first chunk. Nothing is dead-lettered; then a consumer with the real cloud
+    identity processes every chunk. (Both used to burn the queue into the DLQ.)"""
+    cloud_url = secure_redis.url("cloud")
+    stack = Stack(cloud_url, s3_identities.server.endpoint, ray_address, RAW, OUT, tmp_path)
+    prefix = f"lp-{secrets.token_hex(4)}"
+    settings = ingest_settings(
+        stack, output_prefix=prefix, visibility_timeout_s=2, max_deliveries=3, pause_max_s=2
+    )
+    cloud = secure_redis.client("cloud")
+    edge_redis = secure_redis.client("edge")
+    actors: list[Any] = []
+
+    def consumer(name: str, profile: str | None) -> Any:
+        env = None
+        if profile is not None:
+            access, secret = s3_identities.keys[profile]
+            env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+        actor = start_consumer(settings, name, env=env)
+        actor.run.remote()
+        actors.append(actor)
+        return actor
+
+    async def stats(actor: Any) -> dict[str, float]:
+        try:
+            found: dict[str, float] = await asyncio.wait_for(actor.stats.remote(), 5)
+        except (ray.exceptions.RayError, TimeoutError):
+            return {}
+        return found
+
+    try:
+        async with (
+            raw_policy_denying(s3_identities, "noread", f"{RAW}/*"),
+            AsyncExitStack() as s3_stack,
+        ):
+            uploader = S3(stack.s3_endpoint)
+            uploader.client = await s3_identities.client(s3_stack, "admin")
+            await ensure_group(cloud, STREAM, "ingest")
+            edge = Edge(stack, uploader, edge_redis)
+            for seq in range(6):
+                await edge.send(chunks[seq % len(chunks)], seq, site_id="site-lp6")
+            noread = consumer("consumer-noread", "noread")
+
+            async def paused(actor: Any) -> bool:
+                return (await stats(actor)).get("paused") == 1
+
+            await eventually(lambda: paused(noread), 60, "the consumer that cannot read")
+            nowrite = consumer("consumer-nowrite", "nowrite")
+            await eventually(lambda: paused(nowrite), 60, "the consumer that cannot write")
+
+            async def both_paused_nothing_lost() -> bool:
+                return (
+                    await paused(noread)
+                    and await paused(nowrite)
+                    and not await cloud.xlen(dlq_stream(STREAM))
+                )
+
+            await holds(both_paused_nothing_lost, 3, "both paused, nothing dead-lettered")
+            misconfigured = {"noread": await stats(noread), "nowrite": await stats(nowrite)}
+            consumer("consumer-healthy", None)
+
+            async def all_processed() -> bool:
+                return len(await uploader.keys(OUT, f"{prefix}/records/")) == 6
+
+            await eventually(all_processed, 60, "every chunk processed by the healthy one")
+        state = await queue_state(cloud_url)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        await cloud.aclose()
+        await edge_redis.aclose()
+    report_figures(
+        "misconfigured_s3_access",
+        {
+            name: {k: s.get(k, 0) for k in ("failed_attempts", "released", "pauses")}
+            for name, s in misconfigured.items()
+        },
+    )
+    assert state["dlq"] == 0, state["dlq_reasons"]
+    assert misconfigured["noread"].get("failed_attempts", 0) == 2  # the breaker's first two
+    assert misconfigured["nowrite"].get("failed_attempts", 0) == 0  # the canary saw it at once
+
+
+async def test_reconcile_goes_on_past_a_sidecar_it_may_not_read(
+    secure_redis: SecureRedis, s3_identities: SecureS3, chunks: list[ClosedChunk], tmp_path: Path
+) -> None:
+    """A bucket policy denies the cloud identity GetObject under one camera's prefix: that
+    chunk's sidecar is unreadable (AccessDenied) to `cloud-ingest reconcile`. It counts the
+    error, with the key, requeues the other chunks, prints its report and exits 1. (One
+    refusal cancelled the whole walk, without a report.)"""
+    cloud_url = secure_redis.url("cloud")
+    stack = Stack(cloud_url, s3_identities.server.endpoint, "", RAW, OUT, tmp_path)
+    site = "site-lp8"
+    async with AsyncExitStack() as s3_stack:
+        admin_s3 = S3(stack.s3_endpoint)
+        admin_s3.client = await s3_identities.client(s3_stack, "admin")
+        edge = Edge(stack, admin_s3, secure_redis.client("edge"))
+        for seq in range(3):
+            await edge.send(
+                chunks[seq], seq, site_id=site, camera_id="cam-open", sidecar=True, announce=False
+            )
+        sealed = await edge.send(
+            chunks[0], 3, site_id=site, camera_id="cam-sealed", sidecar=True, announce=False
+        )
+        await edge.redis.aclose()
+    async with raw_policy_denying(s3_identities, "cloud", f"{RAW}/raw/{site}/cam-sealed/*"):
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "cloud-ingest"), "reconcile", "--prefix", f"raw/{site}"],
+            env=stack.ingest_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    keeper = secure_redis.client("housekeeper")
+    queued = await keeper.xlen(STREAM)
+    await keeper.aclose()
+    report = json.loads(result.stdout)
+    report_figures("reconcile_past_an_error", report)
+    assert result.returncode == 1, result.stderr
+    assert (report["chunks"], report["requeued"], report["errors"]) == (4, 3, 1)
+    [example_error] = report["error_examples"]
+    assert sealed.key in example_error and "AccessDenied" in example_error
+    assert queued == 3
