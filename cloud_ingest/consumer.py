@@ -23,7 +23,7 @@ from contextlib import AsyncExitStack
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.failures import (
@@ -58,20 +58,26 @@ from shared.tasks import Supervisor
 
 log = structlog.get_logger("cloud_ingest")
 
+# Replies of Redis to a command (a script) that will fail however often it is sent: a
+# script error, a key of the wrong type. (Not BUSY, LOADING, OOM, READONLY, NOGROUP: they
+# pass, or the consumer pauses or creates the group.)
+REFUSALS = ("ERR", "WRONGTYPE")
+
 
 def drain_stages(settings: IngestSettings) -> dict[str, float]:
     """How long each stage of an actor's shutdown may take, from ``stop()`` to ``run()``'s
     return. The actor holds each stage to its share (``Consumer._until_stopped``,
     ``_finish``, ``_close_tasks``, ``_within``) and the supervisor waits for the sum, so
     its deadline covers the actor's by construction."""
-    grace, redis_s = settings.close_grace_s, settings.redis_timeout_s
+    grace = settings.close_grace_s
+    call = 2 * settings.redis_timeout_s  # a Redis call at worst: a connect, then a reply
     return {
-        "notice": redis_s,  # the drain loop's turn ends (at worst a Redis call times out)
+        "notice": call + 1.0,  # the drain loop's turn ends (else its Redis call is cut)
         "loop_cancel": grace,  # else it is cancelled
         "release": grace,  # entries not yet at work: cancelled, given back
         "work": settings.drain_timeout_s,  # work in progress finishes
         "cancel": grace,  # work past the drain timeout: cancelled
-        "acks": redis_s,  # the last acknowledgements and counts
+        "acks": 2 * call,  # the last acknowledgements: a batch re-sent, then the rest
         "tasks_return": grace,  # the long-lived loops return at their next turn
         "tasks_cancel": grace,  # else they are cancelled
         "close_handoff": grace,  # the hand-off's HTTP session
@@ -196,7 +202,7 @@ class Consumer:
                 if self.paused is None:
                     await self._step(queue, processor, probe)
                 else:
-                    await self._while_paused(queue, probe)
+                    await self._while_paused(queue, processor, probe)
                 backoff.reset()
             except RedisError as exc:  # Redis restarting, unreachable, refusing: keep our work
                 await self._queue_failed(queue, exc, backoff)
@@ -266,7 +272,7 @@ class Consumer:
                 self.tally.inc("reclaimed", len(claimed))
                 return claimed
         block_ms = 100 if self._in_flight else 1000
-        return await queue.read(count, block_ms)
+        return await queue.read(count, block_ms, working=self._in_flight)
 
     def _watch(self, task: asyncio.Task[None]) -> None:
         """_one handles every failure itself; anything escaping it is logged, never lost."""
@@ -360,10 +366,10 @@ class Consumer:
         self, processor: ChunkProcessor, probe: EnvProbe, entry: Entry, exc: RawReadFailed
     ) -> str | None:
         """A raw read failed while the probe passed: that chunk's, unless chunks in a row
-        fail alike (then the probe reads one of their objects until it can)."""
+        fail alike (then the probe reads a raw object until it can: see ReadBreaker)."""
         if not processor.reads.failed(entry.id, exc):
             return None
-        probe.raw_canary = (exc.bucket, exc.key)
+        probe.raw_canary = processor.reads.probe_target(exc)
         n = processor.reads.threshold
         return f"s3 GetObject fails with {exc.code} for {n} chunks in a row (last {exc})"
 
@@ -401,7 +407,10 @@ class Consumer:
                 "chunk.dead_letter_failed", entry_id=entry.id.decode(), error=repr(err)[:200]
             )
             if classify(err) is Failure.ENVIRONMENT:
+                # Back with the delivery count it had before this attempt: its next
+                # consumer makes the last attempt again and letters it with its reason.
                 self._pause(f"redis: {describe(err)}")
+                await self._release(queue, [entry])
             return
         if not moved:  # the reaper gave it to another consumer meanwhile: theirs now
             log.warning("chunk.dead_letter_skipped", entry_id=entry.id.decode(), reason=exc.reason)
@@ -425,7 +434,9 @@ class Consumer:
             self.tally.inc("pauses")
             log.error("consumer.paused", reason=problem, note="entries go back to the others")
 
-    async def _while_paused(self, queue: GroupConsumer, probe: EnvProbe) -> None:
+    async def _while_paused(
+        self, queue: GroupConsumer, processor: ChunkProcessor, probe: EnvProbe
+    ) -> None:
         """No fetching; back off, probe again, resume once everything answers. The back-off
         grows across pauses until a chunk succeeds again (a fault the probe cannot see
         pauses the consumer again at once, and not ever faster)."""
@@ -442,6 +453,7 @@ class Consumer:
         log.warning("consumer.resumed", was=self.paused)
         self.paused = None
         probe.raw_canary = None
+        processor.reads.reset()  # a fresh count after resuming
 
     async def _release(self, queue: GroupConsumer, entries: list[Entry]) -> None:
         """Entries back to the group uncounted (see GroupConsumer.release); never raises."""
@@ -473,9 +485,28 @@ class Consumer:
                 if not batch:
                     return
                 self._unsent = batch
-            await queue.ack(batch)  # raises: kept in _unsent
+            try:
+                await queue.ack(batch)  # raises: kept in _unsent, sent again as it is
+            except ResponseError as exc:
+                if str(exc).startswith(REFUSALS):  # sending it again cannot change that
+                    self._refused(batch, exc)
+                raise
             self._unsent = None
             self._settle(batch)
+
+    def _refused(self, batch: Acks, exc: ResponseError) -> None:
+        """Redis refused the flush itself (a script error, a totals key of another type):
+        the batch is dropped, not sent for ever while no later flush goes out. Its entries
+        stay pending and are redone as duplicates; its counts are lost, and said so."""
+        self._unsent = None
+        self.tally.inc("acks_refused", len(batch.entries))
+        log.error(
+            "consumer.acks_refused",
+            entries=len(batch.entries),
+            counts=dict(batch.counts),
+            error=describe(exc),
+            note="left pending: redone as duplicates",
+        )
 
     def _settle(self, batch: Acks) -> None:
         # (A batch applied before, by a send whose reply was lost: its entries were

@@ -37,6 +37,7 @@ from redis.exceptions import (
 )
 
 from cloud_ingest.media_pool import (
+    START_TIMEOUT_S,
     MediaPool,
     ProcessTimeout,
     WorkerDied,
@@ -113,12 +114,15 @@ class ReadBreaker:
     """``threshold`` distinct chunks in a row whose raw GET failed with the same S3 error
     code while the probe passed: not those chunks but this consumer's access (a policy that
     lets it list the bucket but not read it, a KMS key it may not use), which HeadBucket
-    cannot see. Any raw read that succeeds starts the count again."""
+    cannot see. Any raw read that succeeds starts the count again, and is remembered: the
+    paused consumer's probe reads that object again (``probe_target``), so chunks that
+    are bad on their own (three objects with a broken ACL) cannot keep it paused."""
 
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
         self.code: str | None = None
         self.chunks: set[bytes] = set()
+        self.last_read: tuple[str, str] | None = None  # (bucket, key) last read fine
 
     def failed(self, entry_id: bytes, exc: RawReadFailed) -> bool:
         """Note a failed read; True when that makes ``threshold`` in a row."""
@@ -127,8 +131,17 @@ class ReadBreaker:
         self.chunks.add(entry_id)
         return len(self.chunks) >= self.threshold
 
-    def succeeded(self) -> None:
+    def succeeded(self, bucket: str, key: str) -> None:
+        self.reset()
+        self.last_read = (bucket, key)
+
+    def reset(self) -> None:
         self.code, self.chunks = None, set()
+
+    def probe_target(self, failed: RawReadFailed) -> tuple[str, str]:
+        """What the probe reads while paused: an object this consumer read before (it
+        fails too when the access is what broke), else, before any, one that failed."""
+        return self.last_read or (failed.bucket, failed.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +158,8 @@ class EnvProbe:
     """Can this consumer do what every chunk needs? ``HeadBucket`` on the raw and output
     buckets; with a ``canary``, a PUT and a GET of a small object in the output bucket and
     a Redis write (``SET … PX``: a Redis that answers PING can still refuse every write),
-    else a Redis ``PING``; a read of ``raw_canary`` (a raw object other chunks failed to
-    read) while one is set; and a media worker that starts. Returns None when sound, else
+    else a Redis ``PING``; a read of ``raw_canary`` (``ReadBreaker.probe_target``) while
+    one is set; and a media worker that starts. Returns None when sound, else
     what failed. At most one probe at a time; a recent result is reused."""
 
     def __init__(
@@ -205,7 +218,13 @@ class EnvProbe:
             self.redis.set(canary.redis_key, str(time.time()), px=60_000),
         ):
             return problem
-        return await self.pool.check()
+        # A worker's start may take START_TIMEOUT_S; one that cannot even be tried (no
+        # file descriptors left) is a problem found, not an error escaping the probe.
+        return await _attempt("media worker", self._pool_check(), START_TIMEOUT_S + 5.0)
+
+    async def _pool_check(self) -> None:
+        if problem := await self.pool.check():
+            raise RuntimeError(problem)
 
     async def _s3_canary(self, canary: Canary) -> None:
         await self.s3.put_object(Bucket=canary.bucket, Key=canary.key, Body=canary.body)
@@ -226,9 +245,9 @@ class EnvProbe:
             await body.read()
 
 
-async def _attempt(what: str, call: Awaitable[Any]) -> str | None:
+async def _attempt(what: str, call: Awaitable[Any], limit_s: float = PROBE_TIMEOUT_S) -> str | None:
     try:
-        await asyncio.wait_for(call, PROBE_TIMEOUT_S)
+        await asyncio.wait_for(call, limit_s)
     except Exception as exc:
         return f"{what}: {describe(exc)}"[:500]
     return None

@@ -239,7 +239,7 @@ class ChunkProcessor:
             raise RawReadFailed(error_code(exc), m.bucket, m.key) from exc
         except SizeError as exc:
             raise Rejected("size_mismatch", f"s3://{m.bucket}/{m.key}: {exc}") from None
-        self.reads.succeeded()
+        self.reads.succeeded(m.bucket, m.key)
         return data
 
     async def _recent(self, m: Manifest) -> list[str]:

@@ -13,6 +13,7 @@ happens to the actors.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -40,6 +41,8 @@ class Tally:
         self.run[name] += n
 
     def spent(self, stage: str, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:  # HINCRBYFLOAT would refuse the flush
+            return
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
         self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
 

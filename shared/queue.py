@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.keys import consumer_totals_key, consumers_key, dlq_stream, flushed_key
 
@@ -87,7 +88,9 @@ return released
 # Acknowledges and deletes the entries we own and adds each one's own counts only if it was
 # ours (an entry the reaper gave to another consumer is theirs to count); the batch's other
 # counts are added once per token (a flush sent again after a lost reply is not counted
-# twice). XACK/XDEL come first: under maxmemory they still run, and once the script has
+# twice, nor are its entries, acknowledged by then, taken for leases lost). The token is
+# written only after another write (under maxmemory it must not be the script's first).
+# XACK/XDEL come first: under maxmemory they still run, and once the script has
 # written, so do the increments (Redis refuses only a script's first denyoom write; a
 # MULTI/EXEC with an HINCRBY is refused whole). Returns {1} for a token applied before,
 # else {0, acknowledged ids...}.
@@ -116,10 +119,9 @@ end
 for i = seconds, #ARGV, 2 do
   redis.call('HINCRBYFLOAT', KEYS[2], 'seconds:' .. ARGV[i], ARGV[i + 1])
 end
-if seconds > counts or #ARGV >= seconds then
-  counted = true
-  if token ~= '' then redis.call('SET', KEYS[4], token) end
-end
+local extra = seconds > counts or #ARGV >= seconds
+if extra then counted = true end
+if token ~= '' and (extra or #acked > 1) then redis.call('SET', KEYS[4], token) end
 if counted then redis.call('SADD', KEYS[3], ARGV[2]) end
 return acked
 """
@@ -214,11 +216,13 @@ HEALTH_CHECK_S = 30  # a connection idle this long is PINGed before it is used a
 
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
     """A client that never waits for ever on a peer gone silent: every read and connect is
-    bounded by ``timeout_s`` (above the longest XREADGROUP block), TCP keepalive is on, an
-    idle connection is checked before reuse, and a command that met a broken connection is
-    sent once more on a new one. (Only once: what a command re-sent after a lost reply does
-    twice must be harmless, as the owner-checked scripts here make it; our own loops retry
-    the rest.)"""
+    bounded by ``timeout_s`` (above the longest XREADGROUP block), TCP keepalive is on and
+    an idle connection is checked before reuse. A command whose connection broke or timed
+    out raises (its connection is dropped; the next command gets a new one) and is never
+    re-sent blindly, as redis-py would by default: a re-sent XREADGROUP or XAUTOCLAIM
+    after a lost reply would leave entries in our pending list unseen (and count extra
+    deliveries), a re-sent XADD would publish twice. Our own loops retry, knowing what a
+    lost reply may have done (``GroupConsumer`` re-reads its own pending entries)."""
     return aioredis.from_url(
         url,
         socket_timeout=timeout_s,
@@ -226,7 +230,7 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis:
         socket_keepalive=True,
         socket_keepalive_options=_KEEPALIVE,
         health_check_interval=HEALTH_CHECK_S,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 1),
+        retry=Retry(NoBackoff(), 0),
     )
 
 
@@ -238,17 +242,50 @@ class GroupConsumer:
         self.name = name
         self.dlq = dlq_stream(stream)
         self._history: bytes | None = b"0"  # cursor through our own pending entries
+        self._unseen = False  # a read or claim timed out: it may have given us entries
 
-    async def read(self, count: int, block_ms: int | None) -> list[Entry]:
+    async def read(
+        self, count: int, block_ms: int | None, *, working: Collection[bytes] = ()
+    ) -> list[Entry]:
         """Own pending entries first (a restarted consumer resumes its work), then new ones
-        (waiting up to ``block_ms`` for them; None: not at all)."""
+        (waiting up to ``block_ms`` for them; None: not at all). After a read or a claim
+        whose reply never came, our pending entries other than those we are ``working``
+        on come first: that reply delivered them."""
         if self._history is not None:
             entries = await self._xreadgroup(self._history, count, None)
             if entries:
                 self._history = entries[-1].id
                 return await self._with_deliveries(entries)
             self._history = None
-        return await self._xreadgroup(b">", count, block_ms)
+        if self._unseen:
+            unseen = await self._pending_unseen(count, working)
+            self._unseen = False
+            if unseen:
+                return unseen
+        try:
+            return await self._xreadgroup(b">", count, block_ms)
+        except RedisTimeoutError:
+            self._unseen = True
+            raise
+
+    async def _pending_unseen(self, count: int, working: Collection[bytes]) -> list[Entry]:
+        """Our pending entries we are not working on, read without counting a delivery
+        (XPENDING and XRANGE: XREADGROUP of our own history would count one more for every
+        entry, those at work too)."""
+        rows: Any = await self.client.xpending_range(
+            self.stream, self.group, "-", "+", count + len(working), consumername=self.name
+        )
+        found: list[Entry] = []
+        for row in rows:
+            entry_id = bytes(row["message_id"])
+            if entry_id in working:
+                continue
+            items: Any = await self.client.xrange(self.stream, entry_id, entry_id)
+            fields = dict(items[0][1] or {}) if items else {}
+            found.append(Entry(entry_id, fields, int(row["times_delivered"])))
+            if len(found) == count:
+                break
+        return found
 
     async def _xreadgroup(self, start: bytes, count: int, block_ms: int | None) -> list[Entry]:
         reply: Any = await self.client.xreadgroup(
@@ -261,17 +298,22 @@ class GroupConsumer:
         return entries
 
     async def claim_stale(self, cursor: ReapCursor, min_idle_ms: int, count: int) -> list[Entry]:
-        """XAUTOCLAIM entries idle past the visibility timeout, following the cursor."""
-        reply: Any = await self.client.xautoclaim(
-            self.stream, self.group, self.name, min_idle_ms, cursor.position, count=count
-        )
-        cursor.position = reply[0]
-        cursor.last_run = time.monotonic()
-        claimed = [Entry(eid, dict(f or {})) for eid, f in reply[1] if eid is not None]
-        deleted: list[bytes] = list(reply[2]) if len(reply) > 2 else []
-        if deleted:  # entries trimmed/deleted while pending: nothing left to process
-            await self.client.xack(self.stream, self.group, *deleted)
-        return await self._with_deliveries(claimed)
+        """XAUTOCLAIM entries idle past the visibility timeout, following the cursor. When
+        it fails, what it may have claimed is found among our own pending entries."""
+        try:
+            reply: Any = await self.client.xautoclaim(
+                self.stream, self.group, self.name, min_idle_ms, cursor.position, count=count
+            )
+            cursor.position = reply[0]
+            cursor.last_run = time.monotonic()
+            claimed = [Entry(eid, dict(f or {})) for eid, f in reply[1] if eid is not None]
+            deleted: list[bytes] = list(reply[2]) if len(reply) > 2 else []
+            if deleted:  # entries trimmed/deleted while pending: nothing left to process
+                await self.client.xack(self.stream, self.group, *deleted)
+            return await self._with_deliveries(claimed)
+        except RedisTimeoutError:
+            self._unseen = True
+            raise
 
     async def _with_deliveries(self, entries: Sequence[Entry]) -> list[Entry]:
         if not entries:

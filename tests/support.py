@@ -491,7 +491,13 @@ class SilentProxy:
 
     def go_silent(self) -> int:
         """Silence every open connection; returns how many."""
-        result: int = self._call(self._silence())
+        result: int = self._call(self._silence(("up", "down")))
+        return result
+
+    def lose_replies(self) -> int:
+        """Every open connection still carries commands to the server but no reply back:
+        a command runs, its reply never comes. Returns how many."""
+        result: int = self._call(self._silence(("down",)))
         return result
 
     def _call(self, coro: Any) -> Any:
@@ -500,9 +506,10 @@ class SilentProxy:
     async def _start(self) -> None:
         self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
 
-    async def _silence(self) -> int:
+    async def _silence(self, ways: tuple[str, ...]) -> int:
         for link in self._links:
-            link["silent"] = True
+            for way in ways:
+                link[way] = True
         return len(self._links)
 
     async def _shutdown(self) -> None:
@@ -514,21 +521,21 @@ class SilentProxy:
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        link: dict[str, Any] = {"silent": False, "writers": [writer, up_writer]}
+        link: dict[str, Any] = {"up": False, "down": False, "writers": [writer, up_writer]}
         self._links.append(link)
         await asyncio.gather(
-            self._pipe(reader, up_writer, link),
-            self._pipe(up_reader, writer, link),
+            self._pipe(reader, up_writer, link, "up"),
+            self._pipe(up_reader, writer, link, "down"),
             return_exceptions=True,
         )
 
     @staticmethod
     async def _pipe(
-        src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: dict[str, Any]
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: dict[str, Any], way: str
     ) -> None:
         while data := await src.read(65536):
-            if not link["silent"]:
+            if not link[way]:
                 dst.write(data)
                 await dst.drain()
-        if not link["silent"]:
+        if not link[way]:
             dst.close()

@@ -796,6 +796,73 @@ async def test_s3_consumers_that_may_not_read_raw_or_write_outputs_pause(
     assert misconfigured["nowrite"].get("failed_attempts", 0) == 0  # the canary saw it at once
 
 
+async def test_s3_chunks_unreadable_on_their_own_do_not_keep_a_consumer_paused(
+    secure_redis: SecureRedis,
+    s3_identities: SecureS3,
+    ray_address: str,
+    chunks: list[ClosedChunk],
+    tmp_path: Path,
+) -> None:
+    """A bucket policy denies the cloud identity GetObject under one camera's prefix (as a
+    broken ACL on those objects would): after a chunk of a readable camera, 4 chunks of the
+    sealed one arrive in a row, then 2 more readable ones. Three denied reads in a row trip
+    the read breaker and the consumer pauses; its probe reads the object it last read fine,
+    passes, and the consumer resumes. Every readable chunk is processed and the sealed
+    ones are dead-lettered `max_deliveries` after their attempts. (The probe read one of
+    the denied objects: the only consumer stayed paused for good.)"""
+    cloud_url = secure_redis.url("cloud")
+    stack = Stack(cloud_url, s3_identities.server.endpoint, ray_address, RAW, OUT, tmp_path)
+    prefix = f"lp-{secrets.token_hex(4)}"
+    site = "site-lp7"
+    settings = ingest_settings(
+        stack, output_prefix=prefix, visibility_timeout_s=2, max_deliveries=2, pause_max_s=2
+    )
+    cloud = secure_redis.client("cloud")
+    edge_redis = secure_redis.client("edge")
+    actor: Any = None
+    try:
+        async with (
+            raw_policy_denying(s3_identities, "cloud", f"{RAW}/raw/{site}/cam-sealed/*"),
+            AsyncExitStack() as s3_stack,
+        ):
+            uploader = S3(stack.s3_endpoint)
+            uploader.client = await s3_identities.client(s3_stack, "admin")
+            await ensure_group(cloud, STREAM, "ingest")
+            edge = Edge(stack, uploader, edge_redis)
+
+            async def records() -> int:
+                return len(await uploader.keys(OUT, f"{prefix}/records/"))
+
+            async def first() -> bool:
+                return await records() == 1
+
+            await edge.send(chunks[0], 0, site_id=site, camera_id="cam-open")
+            actor = start_consumer(settings, "consumer-sealed")
+            actor.run.remote()
+            await eventually(first, 60, "the first readable chunk")
+            for seq, camera in enumerate(["cam-sealed"] * 4 + ["cam-open"] * 2, start=1):
+                await edge.send(chunks[seq % len(chunks)], seq, site_id=site, camera_id=camera)
+
+            async def settled() -> bool:
+                return await records() == 3 and await cloud.xlen(dlq_stream(STREAM)) == 4
+
+            await eventually(settled, 90, "readable chunks processed, sealed ones dead-lettered")
+            stats: dict[str, float] = await asyncio.wait_for(actor.stats.remote(), 10)
+        state = await queue_state(cloud_url)
+    finally:
+        if actor is not None:
+            ray.kill(actor)
+        await cloud.aclose()
+        await edge_redis.aclose()
+    report_figures(
+        "chunks_unreadable_on_their_own",
+        {k: stats.get(k, 0) for k in ("pauses", "failed_attempts", "released", "processed")},
+    )
+    assert state["dlq_reasons"] == ["max_deliveries"] * 4
+    assert stats["pauses"] >= 1  # the breaker tripped, and the consumer came back
+    assert (state["pending"], state["length"]) == (0, 0)
+
+
 async def test_reconcile_goes_on_past_a_sidecar_it_may_not_read(
     secure_redis: SecureRedis, s3_identities: SecureS3, chunks: list[ClosedChunk], tmp_path: Path
 ) -> None:
