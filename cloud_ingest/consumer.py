@@ -41,7 +41,7 @@ from cloud_ingest.processor import ChunkProcessor, Outcome
 from cloud_ingest.totals import Tally
 from shared import logs
 from shared.backoff import Backoff
-from shared.keys import redis_probe_key, s3_probe_key
+from shared.keys import consumer_totals_key, redis_probe_key, s3_probe_key
 from shared.manifest import Rejected
 from shared.queue import (
     Acks,
@@ -58,10 +58,14 @@ from shared.tasks import Supervisor
 
 log = structlog.get_logger("cloud_ingest")
 
-# Replies of Redis to a command (a script) that will fail however often it is sent: a
-# script error, a key of the wrong type. (Not BUSY, LOADING, OOM, READONLY, NOGROUP: they
-# pass, or the consumer pauses or creates the group.)
-REFUSALS = ("ERR", "WRONGTYPE")
+
+def refused(exc: ResponseError) -> bool:
+    """Redis's answer to a command (a script) that fails however often it is sent: a
+    script error (``ERR``: redis-py keeps the code aside), a key of the wrong type. Not
+    BUSY, LOADING, OOM, READONLY, NOGROUP: those pass, or the consumer pauses or creates
+    the group again. (Redis 7 keeps those codes for errors inside a script; Redis 6
+    wrapped them in ERR.)"""
+    return getattr(exc, "status_code", None) == "ERR" or str(exc).startswith("WRONGTYPE")
 
 
 def drain_stages(settings: IngestSettings) -> dict[str, float]:
@@ -155,6 +159,7 @@ class Consumer:
                 settings.output_bucket,
                 s3_probe_key(settings.output_prefix, self.name),
                 redis_probe_key(self.name),
+                consumer_totals_key(settings.group, self.name),
             )
             buckets = [settings.raw_bucket, settings.output_bucket]
             probe = EnvProbe(s3, redis, buckets, self.pool, canary=canary)
@@ -272,7 +277,12 @@ class Consumer:
                 self.tally.inc("reclaimed", len(claimed))
                 return claimed
         block_ms = 100 if self._in_flight else 1000
-        return await queue.read(count, block_ms, working=self._in_flight)
+        return await queue.read(count, block_ms, working=self._holding())
+
+    def _holding(self) -> set[bytes]:
+        """Our pending entries we know of: at work, or done and not yet acknowledged."""
+        unsent = self._unsent.entries if self._unsent is not None else {}
+        return {*self._in_flight, *self._acks, *unsent}
 
     def _watch(self, task: asyncio.Task[None]) -> None:
         """_one handles every failure itself; anything escaping it is logged, never lost."""
@@ -306,7 +316,6 @@ class Consumer:
             return
         outcome = await processor.process(entry, self._slot(entry.id))
         self._acks[entry.id] = self._count(outcome)
-        self._pause_backoff.reset()  # the environment works: a later pause starts afresh
         logs.chunk_line(
             log.info,
             outcome.status,
@@ -351,7 +360,7 @@ class Consumer:
         elif kind is Failure.SUSPECT:
             problem = await probe.check()
             if problem is None and isinstance(exc, RawReadFailed):
-                problem = self._reads_fail(processor, probe, entry, exc)
+                problem = await self._reads_fail(processor, probe, entry, exc)
             kind = Failure.TRANSIENT  # we can reach everything: this chunk's own failure
         if problem is not None:  # our environment, not the chunk: pause, give it back
             self._pause(problem)
@@ -362,14 +371,15 @@ class Consumer:
         if entry.deliveries >= self.settings.max_deliveries:  # that was the last try
             await self._dead_letter(queue, entry, self._last_failure(kind, entry, exc))
 
-    def _reads_fail(
+    async def _reads_fail(
         self, processor: ChunkProcessor, probe: EnvProbe, entry: Entry, exc: RawReadFailed
     ) -> str | None:
         """A raw read failed while the probe passed: that chunk's, unless chunks in a row
-        fail alike (then the probe reads a raw object until it can: see ReadBreaker)."""
+        fail alike. Then the probe reads, until it can, an object known to read fine
+        (this consumer's or the group's last), else, knowing none, one that failed."""
         if not processor.reads.failed(entry.id, exc):
             return None
-        probe.raw_canary = processor.reads.probe_target(exc)
+        probe.raw_canary = await processor.readable_object() or (exc.bucket, exc.key)
         n = processor.reads.threshold
         return f"s3 GetObject fails with {exc.code} for {n} chunks in a row (last {exc})"
 
@@ -438,7 +448,7 @@ class Consumer:
         self, queue: GroupConsumer, processor: ChunkProcessor, probe: EnvProbe
     ) -> None:
         """No fetching; back off, probe again, resume once everything answers. The back-off
-        grows across pauses until a chunk succeeds again (a fault the probe cannot see
+        grows across pauses until a chunk is acknowledged again (a fault the probe cannot see
         pauses the consumer again at once, and not ever faster)."""
         if await _wait(self._stop, self._pause_backoff.next()):
             return
@@ -488,7 +498,7 @@ class Consumer:
             try:
                 await queue.ack(batch)  # raises: kept in _unsent, sent again as it is
             except ResponseError as exc:
-                if str(exc).startswith(REFUSALS):  # sending it again cannot change that
+                if refused(exc):  # sending it again cannot change that
                     self._refused(batch, exc)
                 raise
             self._unsent = None
@@ -496,10 +506,13 @@ class Consumer:
 
     def _refused(self, batch: Acks, exc: ResponseError) -> None:
         """Redis refused the flush itself (a script error, a totals key of another type):
-        the batch is dropped, not sent for ever while no later flush goes out. Its entries
-        stay pending and are redone as duplicates; its counts are lost, and said so."""
+        the batch is dropped, not sent for ever ahead of every later flush, and the
+        consumer pauses (its probe looks at the totals hash too). Entries the script had
+        acknowledged before the error are done but uncounted; the rest stay pending and
+        are redone as duplicates; the batch's counts are lost, and said so."""
         self._unsent = None
         self.tally.inc("acks_refused", len(batch.entries))
+        self._pause(f"redis refused the acknowledgements: {describe(exc)}")
         log.error(
             "consumer.acks_refused",
             entries=len(batch.entries),
@@ -512,6 +525,8 @@ class Consumer:
         # (A batch applied before, by a send whose reply was lost: its entries were
         # acknowledged then, those that were ours; this run's tally counts them all.)
         acked = set(batch.entries) if batch.applied_before else set(batch.acked)
+        if acked:
+            self._pause_backoff.reset()  # the environment works: a later pause starts afresh
         lost = []
         for entry_id, names in batch.entries.items():
             if entry_id in acked:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -115,8 +116,9 @@ class ReadBreaker:
     code while the probe passed: not those chunks but this consumer's access (a policy that
     lets it list the bucket but not read it, a KMS key it may not use), which HeadBucket
     cannot see. Any raw read that succeeds starts the count again, and is remembered: the
-    paused consumer's probe reads that object again (``probe_target``), so chunks that
-    are bad on their own (three objects with a broken ACL) cannot keep it paused."""
+    paused consumer's probe reads that object again (or one another consumer of the group
+    read lately: ``ChunkProcessor.readable_object``), so chunks that are bad on their own
+    (three objects with a broken ACL) cannot keep it paused."""
 
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
@@ -138,29 +140,28 @@ class ReadBreaker:
     def reset(self) -> None:
         self.code, self.chunks = None, set()
 
-    def probe_target(self, failed: RawReadFailed) -> tuple[str, str]:
-        """What the probe reads while paused: an object this consumer read before (it
-        fails too when the access is what broke), else, before any, one that failed."""
-        return self.last_read or (failed.bucket, failed.key)
-
 
 @dataclass(frozen=True, slots=True)
 class Canary:
-    """What the probe writes and reads back: an object under the output prefix, a key."""
+    """What the probe writes and reads back: an object under the output prefix, a key;
+    and the consumer's totals hash, which every acknowledgement adds to (a key of another
+    type there fails every flush)."""
 
     bucket: str
     key: str
     redis_key: str
+    totals_key: str
     body: bytes = b"cloud-ingest environment probe\n"
 
 
 class EnvProbe:
     """Can this consumer do what every chunk needs? ``HeadBucket`` on the raw and output
     buckets; with a ``canary``, a PUT and a GET of a small object in the output bucket and
-    a Redis write (``SET … PX``: a Redis that answers PING can still refuse every write),
-    else a Redis ``PING``; a read of ``raw_canary`` (``ReadBreaker.probe_target``) while
-    one is set; and a media worker that starts. Returns None when sound, else
-    what failed. At most one probe at a time; a recent result is reused."""
+    a Redis write (``SET … PX``: a Redis that answers PING can still refuse every write)
+    and a look at the totals hash (``HEXISTS``), else a Redis ``PING``; a read of
+    ``raw_canary`` (see ReadBreaker) while one is set; and a media worker that starts.
+    Returns None when sound, else what failed. At most one probe at a time; a recent
+    result is reused."""
 
     def __init__(
         self,
@@ -194,33 +195,37 @@ class EnvProbe:
             self._last = (time.monotonic(), future.result())
 
     async def _probe(self) -> str | None:
-        for bucket in self.buckets:
-            if problem := await _attempt(
-                f"s3 HeadBucket {bucket}", self.s3.head_bucket(Bucket=bucket)
-            ):
+        for what, call, limit_s in self._checks():
+            if problem := await _attempt(what, call(), limit_s):
                 return problem
+        return None
+
+    def _checks(self) -> list[tuple[str, Callable[[], Awaitable[Any]], float]]:
+        """What the probe tries, in order: (what, the call, its time limit)."""
+        checks: list[tuple[str, Callable[[], Awaitable[Any]], float]] = [
+            (f"s3 HeadBucket {b}", partial(self.s3.head_bucket, Bucket=b), PROBE_TIMEOUT_S)
+            for b in self.buckets
+        ]
         canary = self.canary
         if canary is not None:
             where = f"s3://{canary.bucket}/{canary.key}"
-            if problem := await _attempt(f"s3 canary {where}", self._s3_canary(canary)):
-                return problem
+            checks.append((f"s3 canary {where}", partial(self._s3_canary, canary), PROBE_TIMEOUT_S))
         if self.raw_canary is not None:
             bucket, key = self.raw_canary
-            if problem := await _attempt(
-                f"s3 GetObject s3://{bucket}/{key}", self._raw_read(bucket, key)
-            ):
-                return problem
+            read = partial(self._raw_read, bucket, key)
+            checks.append((f"s3 GetObject s3://{bucket}/{key}", read, PROBE_TIMEOUT_S))
         if canary is None:
-            if problem := await _attempt("redis PING", self.redis.ping()):
-                return problem
-        elif problem := await _attempt(
-            f"redis SET {canary.redis_key}",
-            self.redis.set(canary.redis_key, str(time.time()), px=60_000),
-        ):
-            return problem
+            checks.append(("redis PING", self.redis.ping, PROBE_TIMEOUT_S))
+        else:
+            stamp = str(time.time())
+            write = partial(self.redis.set, canary.redis_key, stamp, px=60_000)
+            look = partial(self.redis.hexists, canary.totals_key, "-")
+            checks.append((f"redis SET {canary.redis_key}", write, PROBE_TIMEOUT_S))
+            checks.append((f"redis HEXISTS {canary.totals_key}", look, PROBE_TIMEOUT_S))
         # A worker's start may take START_TIMEOUT_S; one that cannot even be tried (no
         # file descriptors left) is a problem found, not an error escaping the probe.
-        return await _attempt("media worker", self._pool_check(), START_TIMEOUT_S + 5.0)
+        checks.append(("media worker", self._pool_check, START_TIMEOUT_S + 5.0))
+        return checks
 
     async def _pool_check(self) -> None:
         if problem := await self.pool.check():

@@ -5,6 +5,7 @@ process, under INGEST_PROCESS_TIMEOUT_S) → done record."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -29,6 +30,7 @@ from shared.keys import (
     camera_owner_key,
     chunk_key,
     chunk_lock_key,
+    readable_object_key,
     recent_hashes_key,
     record_key,
     shard_key,
@@ -56,6 +58,7 @@ UNLOCK_SCRIPT = (
 )
 LOCK_POLL_S = 0.5  # how often a copy waiting for the lock looks again
 MAX_RECORD_BYTES = 1 << 20  # our own done records are a few kB
+SHARE_READABLE_S = 30.0  # how often a consumer names a raw object that read fine
 
 
 @dataclass(slots=True)
@@ -85,6 +88,7 @@ class ChunkProcessor:
         self.keyring = settings.signing_keys()
         self.replay_key = settings.replay_secret()
         self.reads = ReadBreaker(settings.raw_failures_to_pause)
+        self._shared_at = -SHARE_READABLE_S
         self.thresholds = settings.thresholds()
         self.options = settings.preprocess()
         self.locks: dict[bytes, tuple[str, str]] = {}  # entry id -> (lock key, holder)
@@ -240,7 +244,31 @@ class ChunkProcessor:
         except SizeError as exc:
             raise Rejected("size_mismatch", f"s3://{m.bucket}/{m.key}: {exc}") from None
         self.reads.succeeded(m.bucket, m.key)
+        await self._share_readable(m)
         return data
+
+    async def _share_readable(self, m: Manifest) -> None:
+        """Now and then, tell the group which raw object reads fine (see ReadBreaker)."""
+        now = time.monotonic()
+        if now - self._shared_at < SHARE_READABLE_S:
+            return
+        self._shared_at = now
+        with contextlib.suppress(RedisError):  # a hint: never the chunk's failure
+            value = f"{m.bucket}\0{m.key}"
+            await self.redis.set(readable_object_key(self.settings.group), value, ex=86400)
+
+    async def readable_object(self) -> tuple[str, str] | None:
+        """A raw object known to read fine: this consumer's last, else the group's."""
+        if self.reads.last_read is not None:
+            return self.reads.last_read
+        try:
+            raw: Any = await self.redis.get(readable_object_key(self.settings.group))
+        except RedisError:
+            return None
+        if not raw or b"\0" not in raw:
+            return None
+        bucket, key = bytes(raw).decode().split("\0", 1)
+        return bucket, key
 
     async def _recent(self, m: Manifest) -> list[str]:
         """Hashes of this camera's recent chunks, other than this very chunk (a redelivery)."""

@@ -119,6 +119,12 @@ def redis_probe_key(consumer: str) -> str:
     return f"ingest:probe:{consumer}"
 
 
+def readable_object_key(group: str) -> str:
+    """A raw object some consumer of ``group`` read lately, ``bucket`` NUL ``key``: what a
+    paused consumer's probe reads when it has read none itself (fresh after a restart)."""
+    return f"ingest:probe:readable:{group}"
+
+
 def s3_probe_key(prefix: str, consumer: str) -> str:
     """The consumer's canary object in the output bucket (PUT, then GET): a consumer that
     may list the buckets but not write or read objects fails the environment probe."""

@@ -22,12 +22,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.keys import consumer_totals_key, consumers_key, dlq_stream, flushed_key
 
 Fields = dict[bytes, bytes]
+# A call that failed this way may have run, its reply lost on the way back.
+LOST_REPLY = (RedisTimeoutError, RedisConnectionError)
 
 # A dead letter keeps the entry's own fields (for requeue), up to this many.
 MAX_LETTER_FIELDS = 64
@@ -242,7 +245,8 @@ class GroupConsumer:
         self.name = name
         self.dlq = dlq_stream(stream)
         self._history: bytes | None = b"0"  # cursor through our own pending entries
-        self._unseen = False  # a read or claim timed out: it may have given us entries
+        # When a read or claim whose reply never came was sent: it may have given us entries.
+        self._unseen_since: float | None = None
 
     async def read(
         self, count: int, block_ms: int | None, *, working: Collection[bytes] = ()
@@ -257,28 +261,33 @@ class GroupConsumer:
                 self._history = entries[-1].id
                 return await self._with_deliveries(entries)
             self._history = None
-        if self._unseen:
-            unseen = await self._pending_unseen(count, working)
-            self._unseen = False
+        if self._unseen_since is not None:
+            unseen = await self._pending_unseen(count, working, self._unseen_since)
+            self._unseen_since = None
             if unseen:
                 return unseen
+        sent = time.monotonic()
         try:
             return await self._xreadgroup(b">", count, block_ms)
-        except RedisTimeoutError:
-            self._unseen = True
+        except LOST_REPLY:
+            self._unseen_since = sent
             raise
 
-    async def _pending_unseen(self, count: int, working: Collection[bytes]) -> list[Entry]:
-        """Our pending entries we are not working on, read without counting a delivery
-        (XPENDING and XRANGE: XREADGROUP of our own history would count one more for every
-        entry, those at work too)."""
+    async def _pending_unseen(
+        self, count: int, working: Collection[bytes], since: float
+    ) -> list[Entry]:
+        """Our pending entries delivered since ``since`` that we are not working on, read
+        without counting a delivery (XPENDING and XRANGE: XREADGROUP of our own history
+        would count one more for every entry, those at work too). Older ones (given back,
+        or waiting for the reaper after a failed attempt) are left as they are."""
         rows: Any = await self.client.xpending_range(
             self.stream, self.group, "-", "+", count + len(working), consumername=self.name
         )
+        window_ms = (time.monotonic() - since) * 1000 + 1000  # plus Redis's clock's slack
         found: list[Entry] = []
         for row in rows:
             entry_id = bytes(row["message_id"])
-            if entry_id in working:
+            if entry_id in working or row["time_since_delivered"] > window_ms:
                 continue
             items: Any = await self.client.xrange(self.stream, entry_id, entry_id)
             fields = dict(items[0][1] or {}) if items else {}
@@ -300,6 +309,7 @@ class GroupConsumer:
     async def claim_stale(self, cursor: ReapCursor, min_idle_ms: int, count: int) -> list[Entry]:
         """XAUTOCLAIM entries idle past the visibility timeout, following the cursor. When
         it fails, what it may have claimed is found among our own pending entries."""
+        sent = time.monotonic()
         try:
             reply: Any = await self.client.xautoclaim(
                 self.stream, self.group, self.name, min_idle_ms, cursor.position, count=count
@@ -311,8 +321,8 @@ class GroupConsumer:
             if deleted:  # entries trimmed/deleted while pending: nothing left to process
                 await self.client.xack(self.stream, self.group, *deleted)
             return await self._with_deliveries(claimed)
-        except RedisTimeoutError:
-            self._unseen = True
+        except LOST_REPLY:
+            self._unseen_since = sent
             raise
 
     async def _with_deliveries(self, entries: Sequence[Entry]) -> list[Entry]:

@@ -28,6 +28,7 @@ from cloud_ingest.supervisor import Supervisor
 from cloud_ingest.totals import read_totals
 from devstack.proxy import HttpTap
 from edge_agent.segmenter import ClosedChunk
+from shared.keys import consumer_totals_key
 from shared.manifest import parse_manifest, sign
 from shared.queue import Acks, Entry, GroupConsumer, connect, ensure_group, publish
 from tests.support import (
@@ -1052,3 +1053,63 @@ async def test_cloud_faults_supervisor_waits_for_the_actors_whole_drain(
     assert supervisor.runs == {}  # but the run itself returned, and was waited for
     assert supervisor.totals["abandoned"] == 2
     assert drained_in < drain_budget_s(settings) + Supervisor.RAY_LATENCY_S
+
+
+async def test_cloud_faults_a_flush_redis_refuses_pauses_instead_of_blocking_every_flush(
+    stack: Stack, s3: S3, chunks: list[ClosedChunk], tmp_path: Path
+) -> None:
+    """The consumer's totals hash is a key of another type (written by hand, by another
+    tool): the acknowledgement script fails with WRONGTYPE after its first XACK. The
+    consumer drops that flush (counted, `acks_refused`) and pauses, and its probe, which
+    looks at the totals hash too, keeps it paused: nothing is dead-lettered. Once the key
+    is deleted it resumes and every chunk ends acknowledged. (The refused flush was sent
+    again for ever, ahead of every later one: nothing more was acknowledged, no pause.)"""
+    with own_redis(tmp_path) as server:
+        own = replace(stack, redis_url=server.url)
+        client = aioredis.from_url(server.url)
+        await ensure_group(client, "chunks", "ingest")
+        totals = consumer_totals_key("ingest", "consumer-wrongtype")
+        await client.set(totals, "not a hash")
+        edge = Edge(own, s3, client)
+        settings = ingest_settings(own, visibility_timeout_s=2, pause_max_s=2)
+        actor = start_consumer(settings, "consumer-wrongtype")
+        run = actor.run.remote()
+        try:
+            for seq in range(3):
+                await edge.send(chunks[seq], seq)
+
+            async def paused() -> bool:
+                return (await _stats(actor)).get("paused") == 1
+
+            await eventually(paused, 60, "the consumer to pause")
+
+            async def still_paused() -> bool:
+                return await paused() and not await client.xlen("chunks:dlq")
+
+            await holds(still_paused, 4, "paused while the totals key is of another type")
+            during = await _stats(actor)
+            await client.delete(totals)
+
+            async def drained() -> bool:
+                st = await queue_state(server.url)
+                return (st["length"], st["pending"]) == (0, 0) and not await paused()
+
+            await eventually(drained, 60, "every entry acknowledged once the key is gone")
+            after = await _stats(actor)
+            await actor.stop.remote()
+            await run
+        finally:
+            ray.kill(actor)
+            state = await queue_state(server.url)
+            await client.aclose()
+    report_figures(
+        "flush_refused",
+        {
+            "acks_refused": during.get("acks_refused", 0),
+            "pauses": after.get("pauses", 0),
+            "dlq": state["dlq"],
+        },
+    )
+    assert during["acks_refused"] >= 1
+    assert state["dlq"] == 0
+    assert sorted(r["manifest"]["seq"] for r in await s3.records(stack.out_bucket)) == [0, 1, 2]

@@ -42,8 +42,10 @@ from devstack.tls import issue, make_ca
 from edge_agent.segmenter import ClosedChunk
 from shared.keys import (
     chunk_lock_key,
+    consumer_totals_key,
     dlq_stream,
     handoff_stream,
+    readable_object_key,
     recent_hashes_key,
     redis_probe_key,
 )
@@ -276,8 +278,14 @@ async def test_redis_cloud_user_runs_the_consumer_side_and_nothing_more(
             {"processed": 1.0, "reclaimed": 3.0, "dead_lettered": 1.0, "rejected_test_reason": 1.0},
             {"download": 0.5},
         )
-        # The environment probe's canary write.
+        # The environment probe: its canary write, a look at the totals hash, and the raw
+        # object the group read lately; and XPENDING + XRANGE of entries a lost reply gave.
         assert await cloud.set(redis_probe_key("consumer-0"), "1", px=60_000)
+        assert await cloud.hexists(consumer_totals_key("ingest", "consumer-0"), "-") is False
+        assert await cloud.set(readable_object_key("ingest"), "raw\0k", ex=86400)
+        assert await cloud.get(readable_object_key("ingest")) == b"raw\0k"
+        rows = await cloud.xpending_range(STREAM, "ingest", "-", "+", 10, consumername="consumer-0")
+        assert len(await cloud.xrange(STREAM, rows[0]["message_id"], rows[0]["message_id"])) == 1
         st = await status(cloud, STREAM, "ingest")
         assert (st.length, st.pending, st.dlq, st.added) == (1, 1, 1, 3)
         assert [c["name"] for c in st.consumers] == ["consumer-0"]
@@ -804,12 +812,14 @@ async def test_s3_chunks_unreadable_on_their_own_do_not_keep_a_consumer_paused(
     tmp_path: Path,
 ) -> None:
     """A bucket policy denies the cloud identity GetObject under one camera's prefix (as a
-    broken ACL on those objects would): after a chunk of a readable camera, 4 chunks of the
-    sealed one arrive in a row, then 2 more readable ones. Three denied reads in a row trip
-    the read breaker and the consumer pauses; its probe reads the object it last read fine,
-    passes, and the consumer resumes. Every readable chunk is processed and the sealed
-    ones are dead-lettered `max_deliveries` after their attempts. (The probe read one of
-    the denied objects: the only consumer stayed paused for good.)"""
+    broken ACL on those objects would). A first consumer processes a chunk of a readable
+    camera and is killed; a fresh one, which has read nothing yet, gets 4 chunks of the
+    sealed camera in a row. Three denied reads in a row trip the read breaker and it
+    pauses; then 2 more readable chunks come. Its probe reads the object the group last
+    read fine (the first consumer named it), passes, and it resumes. Every readable chunk
+    is processed and the sealed ones are dead-lettered `max_deliveries` after their
+    attempts. (The probe read one of the denied objects: the only consumer stayed paused
+    for good.)"""
     cloud_url = secure_redis.url("cloud")
     stack = Stack(cloud_url, s3_identities.server.endpoint, ray_address, RAW, OUT, tmp_path)
     prefix = f"lp-{secrets.token_hex(4)}"
@@ -837,11 +847,26 @@ async def test_s3_chunks_unreadable_on_their_own_do_not_keep_a_consumer_paused(
                 return await records() == 1
 
             await edge.send(chunks[0], 0, site_id=site, camera_id="cam-open")
-            actor = start_consumer(settings, "consumer-sealed")
+            actor = start_consumer(settings, "consumer-open")
             actor.run.remote()
             await eventually(first, 60, "the first readable chunk")
-            for seq, camera in enumerate(["cam-sealed"] * 4 + ["cam-open"] * 2, start=1):
-                await edge.send(chunks[seq % len(chunks)], seq, site_id=site, camera_id=camera)
+            ray.kill(actor)
+            actor = start_consumer(settings, "consumer-sealed")
+            actor.run.remote()
+            for seq in range(1, 5):
+                sealed = chunks[seq % len(chunks)]
+                await edge.send(sealed, seq, site_id=site, camera_id="cam-sealed")
+
+            async def tripped() -> bool:
+                try:
+                    found = await asyncio.wait_for(actor.stats.remote(), 5)
+                except (ray.exceptions.RayError, TimeoutError):
+                    return False
+                return bool(found.get("pauses"))
+
+            await eventually(tripped, 60, "the breaker to trip before anything read fine")
+            for seq in (5, 6):
+                await edge.send(chunks[seq % len(chunks)], seq, site_id=site, camera_id="cam-open")
 
             async def settled() -> bool:
                 return await records() == 3 and await cloud.xlen(dlq_stream(STREAM)) == 4

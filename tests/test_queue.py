@@ -101,9 +101,10 @@ async def test_queue_entries_delivered_by_a_lost_reply_are_read_next(redis_url: 
     """XREADGROUP runs on the server but its reply never comes (a connection that died
     mid-answer): the 3 entries it delivered are in this consumer's pending list, unseen.
     The call times out; the next read finds them among the consumer's own pending entries
-    at once, with their one delivery, and leaves the entry the consumer is working on
-    alone (not returned, no delivery counted). (It read only new entries: the 3 waited
-    for the reaper, a visibility timeout later, with a delivery counted that never was.)"""
+    at once, with their one delivery, and leaves alone the entry the consumer is working on
+    (not returned, no delivery counted) and one it gave back before (older than the lost
+    call). (It read only new entries: the 3 waited for the reaper, a visibility timeout
+    later, with a delivery counted that never was.)"""
     direct = aioredis.from_url(redis_url)
     await ensure_group(direct, "lost-reply", "g")
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
@@ -112,13 +113,15 @@ async def test_queue_entries_delivered_by_a_lost_reply_are_read_next(redis_url: 
         try:
             consumer = GroupConsumer(client, "lost-reply", "g", "c1")
             await publish(direct, "lost-reply", {"n": b"at work"})
-            [at_work] = await consumer.read(10, None)
+            await publish(direct, "lost-reply", {"n": b"given back"})
+            at_work, given_back = await consumer.read(10, None)
+            assert await consumer.release([given_back]) == 1
             for i in range(3):
                 await publish(direct, "lost-reply", {"n": str(i).encode()})
             assert proxy.lose_replies() >= 1
             with pytest.raises(RedisTimeoutError):
                 await consumer.read(10, None)
-            assert (await direct.xpending("lost-reply", "g"))["pending"] == 4
+            assert (await direct.xpending("lost-reply", "g"))["pending"] == 5
             again = await consumer.read(10, None, working={at_work.id})
         finally:
             await client.aclose()
