@@ -449,6 +449,17 @@ def start_consumer(
     return ray.remote(consumer_class or Consumer).options(**options).remote(settings, name)
 
 
+async def actor_stats(actor: Any, timeout_s: float = 5.0) -> dict[str, float]:
+    """A consumer actor's stats, or {} while it cannot answer (dead, restarting, busy)."""
+    import ray
+
+    try:
+        stats: dict[str, float] = await asyncio.wait_for(actor.stats.remote(), timeout_s)
+    except (ray.exceptions.RayError, TimeoutError):
+        return {}
+    return stats
+
+
 async def holds(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
     """``check`` is true at every look for ``seconds`` (that nothing happens takes a while
     to see); fails at the first look where it is not."""

@@ -13,7 +13,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import replace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from tests.support import (
     Edge,
     SilentProxy,
     Stack,
+    actor_stats,
     cloud_ingest,
     eventually,
     holds,
@@ -577,12 +579,44 @@ async def test_cloud_faults_a_media_worker_killed_mid_chunk_fails_only_that_atte
 # -- review of items 6-12: faults a PING cannot see, stops, counters, dead actors ----------
 
 
-async def _stats(actor: Any) -> dict[str, float]:
-    try:
-        stats: dict[str, float] = await asyncio.wait_for(actor.stats.remote(), 5)
-    except (ray.exceptions.RayError, TimeoutError):
-        return {}
-    return stats
+async def _paused(actor: Any) -> bool:
+    return (await actor_stats(actor)).get("paused") == 1
+
+
+async def _processed(s3: S3, stack: Stack, n: int) -> bool:
+    return len(await s3.records(stack.out_bucket)) == n
+
+
+async def _drained(url: str) -> bool:
+    st = await queue_state(url)
+    return (st["length"], st["pending"]) == (0, 0)
+
+
+@dataclass
+class OwnQueue:
+    """A redis-server of the test's own (for a test that reconfigures or flushes it): the
+    stack pointing at it, a client, an Edge announcing there; ``state`` is the queue's
+    state once the block has ended."""
+
+    stack: Stack
+    url: str
+    client: aioredis.Redis
+    edge: Edge
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def own_queue(stack: Stack, s3: S3, tmp_path: Path) -> AsyncIterator[OwnQueue]:
+    with own_redis(tmp_path) as server:
+        own = replace(stack, redis_url=server.url)
+        client = aioredis.from_url(server.url)
+        await ensure_group(client, "chunks", "ingest")
+        queue = OwnQueue(own, server.url, client, Edge(own, s3, client))
+        try:
+            yield queue
+        finally:
+            queue.state = await queue_state(server.url)
+            await client.aclose()
 
 
 async def test_cloud_faults_redis_refusing_writes_pauses_and_dead_letters_nothing(
@@ -597,21 +631,16 @@ async def test_cloud_faults_redis_refusing_writes_pauses_and_dead_letters_nothin
     resumes and processes every chunk, each on its first counted delivery. (A probe that
     only PINGs counted every attempt, and the DLQ took every chunk as `max_deliveries`
     once memory was freed.)"""
-    with own_redis(tmp_path) as server:
-        own = replace(stack, redis_url=server.url)
-        client = aioredis.from_url(server.url)
-        await ensure_group(client, "chunks", "ingest")
-        edge = Edge(own, s3, client)
-        settings = ingest_settings(own, visibility_timeout_s=2, max_deliveries=2, pause_max_s=2)
+    async with own_queue(stack, s3, tmp_path) as queue:
+        client, edge = queue.client, queue.edge
+        settings = ingest_settings(
+            queue.stack, visibility_timeout_s=2, max_deliveries=2, pause_max_s=2
+        )
         actor = start_consumer(settings, "consumer-oom")
         run = actor.run.remote()
         try:
             await edge.send(chunks[0], 0)
-
-            async def processed(n: int) -> bool:
-                return len(await s3.records(stack.out_bucket)) == n
-
-            await eventually(lambda: processed(1), 60, "the first chunk processed")
+            await eventually(lambda: _processed(s3, stack, 1), 60, "the first chunk processed")
             async with client.pipeline(transaction=True) as pipe:
                 for seq in range(1, 7):
                     m = await edge.send(chunks[seq % len(chunks)], seq, announce=False)
@@ -619,32 +648,27 @@ async def test_cloud_faults_redis_refusing_writes_pauses_and_dead_letters_nothin
                 pipe.config_set("maxmemory", "1")
                 await pipe.execute()
             refused_at = time.monotonic()
-
-            async def paused() -> bool:
-                return (await _stats(actor)).get("paused") == 1
-
-            await eventually(paused, 30, "the consumer to pause")
+            await eventually(lambda: _paused(actor), 30, "the consumer to pause")
             paused_in = time.monotonic() - refused_at
 
             async def still_sound() -> bool:
-                stats = await _stats(actor)
+                stats = await actor_stats(actor)
                 dlq = await client.xlen("chunks:dlq")
                 return stats.get("paused") == 1 and not stats.get("failed_attempts") and not dlq
 
             await holds(still_sound, 5, "paused, no attempt counted, nothing dead-lettered")
-            during = await _stats(actor)
+            during = await actor_stats(actor)
             await client.config_set("maxmemory", "0")
             freed_at = time.monotonic()
-            await eventually(lambda: processed(7), 60, "every chunk processed")
+            await eventually(lambda: _processed(s3, stack, 7), 60, "every chunk processed")
             resumed_in = time.monotonic() - freed_at
-            after = await _stats(actor)
+            after = await actor_stats(actor)
             await actor.stop.remote()
             await run
         finally:
             ray.kill(actor)
             await client.config_set("maxmemory", "0")
-            state = await queue_state(server.url)
-            await client.aclose()
+    state = queue.state
     records = await s3.records(stack.out_bucket)
     report_figures(
         "redis_refusing_writes",
@@ -675,40 +699,28 @@ async def test_cloud_faults_lost_consumer_group_is_created_again(
     answers NOGROUP. The consumer creates the group again, from the stream's start, counts
     and logs it, and the chunks announced meanwhile are processed. (It used to log
     `queue.unavailable` for ever, its readiness green.)"""
-    with own_redis(tmp_path) as server:
-        own = replace(stack, redis_url=server.url)
-        client = aioredis.from_url(server.url)
-        await ensure_group(client, "chunks", "ingest")
-        edge = Edge(own, s3, client)
-        actor = start_consumer(ingest_settings(own, visibility_timeout_s=2), "consumer-nogroup")
+    async with own_queue(stack, s3, tmp_path) as queue:
+        client, edge = queue.client, queue.edge
+        settings = ingest_settings(queue.stack, visibility_timeout_s=2)
+        actor = start_consumer(settings, "consumer-nogroup")
         run = actor.run.remote()
-
-        async def processed(n: int) -> bool:
-            return len(await s3.records(stack.out_bucket)) == n
-
         try:
             await edge.send(chunks[0], 0)
-            await eventually(lambda: processed(1), 60, "the first chunk processed")
+            await eventually(lambda: _processed(s3, stack, 1), 60, "the first chunk processed")
             await client.flushall()  # stream, group, totals: all gone
             for seq in (1, 2):
                 await edge.send(chunks[seq], seq)  # XADD makes a stream with no group
-            await eventually(lambda: processed(3), 30, "the chunks sent after FLUSHALL")
+            await eventually(lambda: _processed(s3, stack, 3), 30, "the chunks after FLUSHALL")
             await edge.send(chunks[0], 3)
             await client.xgroup_destroy("chunks", "ingest")
-            await eventually(lambda: processed(4), 30, "the chunk sent around XGROUP DESTROY")
-
-            async def drained() -> bool:
-                st = await queue_state(server.url)
-                return (st["length"], st["pending"]) == (0, 0)
-
-            await eventually(drained, 30, "every entry acknowledged")
-            stats = await _stats(actor)
+            await eventually(lambda: _processed(s3, stack, 4), 30, "the chunk around DESTROY")
+            await eventually(lambda: _drained(queue.url), 30, "every entry acknowledged")
+            stats = await actor_stats(actor)
             await actor.stop.remote()
             await run
         finally:
             ray.kill(actor)
-            state = await queue_state(server.url)
-            await client.aclose()
+    state = queue.state
     report_figures(
         "lost_consumer_group",
         {"groups_recreated": stats.get("groups_recreated", 0), "dlq": state["dlq"]},
@@ -735,14 +747,10 @@ async def test_cloud_faults_missing_raw_bucket_pauses_and_dead_letters_nothing(
     actor = start_consumer(settings, "consumer-nobucket")
     run = actor.run.remote()
     try:
-
-        async def paused() -> bool:
-            return (await _stats(actor)).get("paused") == 1
-
-        await eventually(paused, 60, "the consumer to pause")
+        await eventually(lambda: _paused(actor), 60, "the consumer to pause")
 
         async def still_sound() -> bool:
-            stats = await _stats(actor)
+            stats = await actor_stats(actor)
             return (
                 stats.get("paused") == 1
                 and not stats.get("failed_attempts")
@@ -754,11 +762,9 @@ async def test_cloud_faults_missing_raw_bucket_pauses_and_dead_letters_nothing(
         for m in sent:
             await s3.put(missing, m.key, chunks[m.seq % len(chunks)].path.read_bytes())
 
-        async def done() -> bool:
-            return len(await s3.records(stack.out_bucket)) == len(sent)
-
-        await eventually(done, 60, "every chunk processed once the bucket exists")
-        stats = await _stats(actor)
+        done = len(sent)
+        await eventually(lambda: _processed(s3, stack, done), 60, "every chunk, bucket made")
+        stats = await actor_stats(actor)
         await actor.stop.remote()
         await run
     finally:
@@ -811,7 +817,7 @@ async def test_cloud_faults_stop_is_noticed_with_slow_chunks_in_every_slot(
             await edge.send(chunks[seq % len(chunks)], seq)
 
         async def full() -> bool:
-            stats = await _stats(actor)
+            stats = await actor_stats(actor)
             return stats.get("in_flight") == 4 and stats.get("working") == 2
 
         await eventually(full, 30, "the batch full, both slots at work")
@@ -893,15 +899,12 @@ async def test_cloud_faults_redis_gone_silent_is_left_for_a_new_connection(
         try:
             await edge.send(chunks[0], 0)
 
-            async def processed(n: int) -> bool:
-                return len(await s3.records(stack.out_bucket)) == n
-
-            await eventually(lambda: processed(1), 60, "the first chunk processed")
+            await eventually(lambda: _processed(s3, stack, 1), 60, "the first chunk processed")
             silenced = proxy.go_silent()
             since = time.monotonic()
             for seq in (1, 2):
                 await edge.send(chunks[seq], seq)
-            await eventually(lambda: processed(3), 30, "the chunks sent after the silence")
+            await eventually(lambda: _processed(s3, stack, 3), 30, "the chunks after the silence")
             recovered_in = time.monotonic() - since
             await actor.stop.remote()
             await asyncio.wait_for(run, 30)
@@ -953,7 +956,7 @@ async def test_cloud_faults_supervisor_backs_off_an_actor_dead_for_good(stack: S
 
         async def running() -> bool:
             actor = supervisor.actors.get(0)
-            return actor is not None and bool(await _stats(actor))
+            return actor is not None and bool(await actor_stats(actor))
 
         await eventually(running, 60, "the actor to run")
         ray.kill(supervisor.actors[0], no_restart=True)
@@ -1029,7 +1032,7 @@ async def test_cloud_faults_supervisor_waits_for_the_actors_whole_drain(
 
         async def both_held() -> bool:
             actor = supervisor.actors.get(0)
-            stats = await _stats(actor) if actor is not None else {}
+            stats = await actor_stats(actor) if actor is not None else {}
             return stats.get("in_flight") == 2 and stats.get("working") == 1
 
         await eventually(both_held, 60, "one chunk at work, one waiting for the slot")
@@ -1064,44 +1067,35 @@ async def test_cloud_faults_a_flush_redis_refuses_pauses_instead_of_blocking_eve
     looks at the totals hash too, keeps it paused: nothing is dead-lettered. Once the key
     is deleted it resumes and every chunk ends acknowledged. (The refused flush was sent
     again for ever, ahead of every later one: nothing more was acknowledged, no pause.)"""
-    with own_redis(tmp_path) as server:
-        own = replace(stack, redis_url=server.url)
-        client = aioredis.from_url(server.url)
-        await ensure_group(client, "chunks", "ingest")
+    async with own_queue(stack, s3, tmp_path) as queue:
+        client = queue.client
         totals = consumer_totals_key("ingest", "consumer-wrongtype")
         await client.set(totals, "not a hash")
-        edge = Edge(own, s3, client)
-        settings = ingest_settings(own, visibility_timeout_s=2, pause_max_s=2)
+        settings = ingest_settings(queue.stack, visibility_timeout_s=2, pause_max_s=2)
         actor = start_consumer(settings, "consumer-wrongtype")
         run = actor.run.remote()
         try:
             for seq in range(3):
-                await edge.send(chunks[seq], seq)
-
-            async def paused() -> bool:
-                return (await _stats(actor)).get("paused") == 1
-
-            await eventually(paused, 60, "the consumer to pause")
+                await queue.edge.send(chunks[seq], seq)
+            await eventually(lambda: _paused(actor), 60, "the consumer to pause")
 
             async def still_paused() -> bool:
-                return await paused() and not await client.xlen("chunks:dlq")
+                return await _paused(actor) and not await client.xlen("chunks:dlq")
 
             await holds(still_paused, 4, "paused while the totals key is of another type")
-            during = await _stats(actor)
+            during = await actor_stats(actor)
             await client.delete(totals)
 
             async def drained() -> bool:
-                st = await queue_state(server.url)
-                return (st["length"], st["pending"]) == (0, 0) and not await paused()
+                return await _drained(queue.url) and not await _paused(actor)
 
             await eventually(drained, 60, "every entry acknowledged once the key is gone")
-            after = await _stats(actor)
+            after = await actor_stats(actor)
             await actor.stop.remote()
             await run
         finally:
             ray.kill(actor)
-            state = await queue_state(server.url)
-            await client.aclose()
+    state = queue.state
     report_figures(
         "flush_refused",
         {

@@ -56,6 +56,7 @@ from tests.support import (
     Daemon,
     Edge,
     Stack,
+    actor_stats,
     base_env,
     cloud_ingest,
     edge_agent,
@@ -386,6 +387,19 @@ MISCONFIGURED = {
     "noread": ["Read:cctv-raw", "List:cctv-raw", "Read:cctv-processed", "Write:cctv-processed"],
     "nowrite": ["Read:cctv-raw", "List:cctv-raw", "Read:cctv-processed"],
 }
+
+
+@asynccontextmanager
+async def sender_while_denied(
+    secure: SecureS3, stack: Stack, cloud: Any, edge_redis: Any, user: str, resource: str
+) -> AsyncIterator[tuple[S3, Edge]]:
+    """For the block, ``user`` may not GetObject ``resource`` (raw_policy_denying), and an
+    Edge uploads as the admin and announces as the edge user to a group that exists."""
+    async with raw_policy_denying(secure, user, resource), AsyncExitStack() as s3_stack:
+        uploader = S3(stack.s3_endpoint)
+        uploader.client = await secure.client(s3_stack, "admin")
+        await ensure_group(cloud, STREAM, "ingest")
+        yield uploader, Edge(stack, uploader, edge_redis)
 
 
 @asynccontextmanager
@@ -744,28 +758,16 @@ async def test_s3_consumers_that_may_not_read_raw_or_write_outputs_pause(
         actors.append(actor)
         return actor
 
-    async def stats(actor: Any) -> dict[str, float]:
-        try:
-            found: dict[str, float] = await asyncio.wait_for(actor.stats.remote(), 5)
-        except (ray.exceptions.RayError, TimeoutError):
-            return {}
-        return found
-
     try:
-        async with (
-            raw_policy_denying(s3_identities, "noread", f"{RAW}/*"),
-            AsyncExitStack() as s3_stack,
-        ):
-            uploader = S3(stack.s3_endpoint)
-            uploader.client = await s3_identities.client(s3_stack, "admin")
-            await ensure_group(cloud, STREAM, "ingest")
-            edge = Edge(stack, uploader, edge_redis)
+        async with sender_while_denied(
+            s3_identities, stack, cloud, edge_redis, "noread", f"{RAW}/*"
+        ) as (uploader, edge):
             for seq in range(6):
                 await edge.send(chunks[seq % len(chunks)], seq, site_id="site-lp6")
             noread = consumer("consumer-noread", "noread")
 
             async def paused(actor: Any) -> bool:
-                return (await stats(actor)).get("paused") == 1
+                return (await actor_stats(actor)).get("paused") == 1
 
             await eventually(lambda: paused(noread), 60, "the consumer that cannot read")
             nowrite = consumer("consumer-nowrite", "nowrite")
@@ -779,7 +781,10 @@ async def test_s3_consumers_that_may_not_read_raw_or_write_outputs_pause(
                 )
 
             await holds(both_paused_nothing_lost, 3, "both paused, nothing dead-lettered")
-            misconfigured = {"noread": await stats(noread), "nowrite": await stats(nowrite)}
+            misconfigured = {
+                "noread": await actor_stats(noread),
+                "nowrite": await actor_stats(nowrite),
+            }
             consumer("consumer-healthy", None)
 
             async def all_processed() -> bool:
@@ -831,14 +836,9 @@ async def test_s3_chunks_unreadable_on_their_own_do_not_keep_a_consumer_paused(
     edge_redis = secure_redis.client("edge")
     actor: Any = None
     try:
-        async with (
-            raw_policy_denying(s3_identities, "cloud", f"{RAW}/raw/{site}/cam-sealed/*"),
-            AsyncExitStack() as s3_stack,
-        ):
-            uploader = S3(stack.s3_endpoint)
-            uploader.client = await s3_identities.client(s3_stack, "admin")
-            await ensure_group(cloud, STREAM, "ingest")
-            edge = Edge(stack, uploader, edge_redis)
+        async with sender_while_denied(
+            s3_identities, stack, cloud, edge_redis, "cloud", f"{RAW}/raw/{site}/cam-sealed/*"
+        ) as (uploader, edge):
 
             async def records() -> int:
                 return len(await uploader.keys(OUT, f"{prefix}/records/"))
@@ -858,11 +858,7 @@ async def test_s3_chunks_unreadable_on_their_own_do_not_keep_a_consumer_paused(
                 await edge.send(sealed, seq, site_id=site, camera_id="cam-sealed")
 
             async def tripped() -> bool:
-                try:
-                    found = await asyncio.wait_for(actor.stats.remote(), 5)
-                except (ray.exceptions.RayError, TimeoutError):
-                    return False
-                return bool(found.get("pauses"))
+                return bool((await actor_stats(actor)).get("pauses"))
 
             await eventually(tripped, 60, "the breaker to trip before anything read fine")
             for seq in (5, 6):
@@ -872,7 +868,7 @@ async def test_s3_chunks_unreadable_on_their_own_do_not_keep_a_consumer_paused(
                 return await records() == 3 and await cloud.xlen(dlq_stream(STREAM)) == 4
 
             await eventually(settled, 90, "readable chunks processed, sealed ones dead-lettered")
-            stats: dict[str, float] = await asyncio.wait_for(actor.stats.remote(), 10)
+            stats = await actor_stats(actor, 10)
         state = await queue_state(cloud_url)
     finally:
         if actor is not None:
