@@ -130,9 +130,9 @@ def _rss() -> int:
 
 async def _upload_all(endpoint: str, items: list[dict[str, Any]]) -> dict[str, float]:
     from edge_agent.config import EdgeSettings
-    from edge_agent.uploader import RateLimit, Uploader
     from shared.manifest import Manifest
     from shared.s3 import open_s3
+    from shared.uploader import RateLimit, Uploader
 
     defaults = EdgeSettings.model_fields
     todo: asyncio.Queue[tuple[Path, Manifest]] = asyncio.Queue()

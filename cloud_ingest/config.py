@@ -35,6 +35,45 @@ class KeyEntry(BaseModel):
         )
 
 
+class Calibration(BaseModel):
+    """One camera's calibration (``INGEST_CAMERA_CALIBRATION``): intrinsics as ROS and
+    ``foxglove.CameraCalibration`` define them, and optionally its pose in the site frame
+    (``translation`` in metres, ``rotation`` a unit quaternion x, y, z, w)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    width: int = Field(gt=0, le=16384)
+    height: int = Field(gt=0, le=16384)
+    K: list[float] = Field(min_length=9, max_length=9)
+    D: list[float] = Field(default_factory=list, max_length=14)
+    distortion_model: Literal["plumb_bob", "rational_polynomial", "kannala_brandt", ""] = (
+        "plumb_bob"
+    )
+    R: list[float] = Field(
+        default_factory=lambda: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        min_length=9,
+        max_length=9,
+    )
+    P: list[float] | None = Field(default=None, min_length=12, max_length=12)
+    translation: tuple[float, float, float] | None = None
+    rotation: tuple[float, float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _pose(self) -> Calibration:
+        if (self.translation is None) != (self.rotation is None):
+            raise ValueError("translation and rotation come together (the camera's pose)")
+        if self.rotation is not None and abs(sum(v * v for v in self.rotation) - 1) > 1e-3:
+            raise ValueError("rotation must be a unit quaternion (x, y, z, w)")
+        return self
+
+    def projection(self) -> list[float]:
+        """P, or [K | 0] for a monocular camera without one."""
+        if self.P is not None:
+            return self.P
+        k = self.K
+        return [k[0], k[1], k[2], 0.0, k[3], k[4], k[5], 0.0, k[6], k[7], k[8], 0.0]
+
+
 class IngestSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INGEST_", extra="ignore", frozen=True)
 
@@ -108,19 +147,34 @@ class IngestSettings(BaseSettings):
     site_cameras: dict[str, list[str]] = Field(default_factory=dict)  # expected views per site
     handoff_sinks: list[Literal["stream", "webhook", "ray_job"]] = Field(default=["stream"])
     handoff_stream: str = "windows.closed"  # downstream stream sink
+    # A closed window's hand-off idle this long is tried again, by whichever consumer takes
+    # it: its consumer died, its last attempt failed, or a sink was busy. Keep it above the
+    # time an MCAP takes to write (else two consumers write the same, identical object).
+    handoff_claim_s: float = Field(default=60.0, gt=0)
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
     job_address: str = "http://127.0.0.1:8265"  # Ray dashboard (Job Submission API)
-    # A template: {bucket} {prefix} (the output bucket and prefix), {window_id} {site} {start}
-    # {end} {chunk_ids} (comma-separated)
+    # A template: {bucket} {prefix} (the output bucket and prefix), {window_id} {revision}
+    # {revision_id} {mcap_key} {site} {start} {end} {chunk_ids} (comma-separated)
     job_entrypoint: str = (
         "python examples/reconstruct_background.py --bucket {bucket} --prefix {prefix} "
-        "--site {site} --window-id {window_id} --chunk-id={chunk_ids}"
+        "--revision-id {revision_id} --mcap-key {mcap_key}"
     )
+    # Resources each hand-off job's entrypoint declares (Ray schedules it where they are).
+    job_entrypoint_num_cpus: float = Field(default=1.0, ge=0)
     job_max_concurrent: int = Field(default=4, ge=1)
+    # Presigned GET URLs in the webhook's payload (the MCAP, the raw chunks) expire after this.
+    webhook_url_expiry_s: int = Field(default=86400, ge=60, le=7 * 86400)
+    # Per site and camera: {"site": {"camera": {"width", "height", "K", ...}}} (or _FILE).
+    camera_calibration: Annotated[dict[Ident, dict[Ident, Calibration]], NoDecode] = Field(
+        default_factory=dict
+    )
+    camera_calibration_file: Path | None = None
     # Each Job Submission API call (submit, list) is given up after this: a dashboard that
     # accepts and never answers must not wedge the hand-off.
     job_api_timeout_s: float = Field(default=30.0, gt=0)
+    # Tests only: park the consumer at a named point once (cloud_ingest.windows.test_hook).
+    test_hook: str | None = None
     # Preprocess
     sample_fps: float = Field(default=2.0, gt=0, le=120)
     resize_short_side: int = Field(default=256, ge=16, le=4096)
@@ -145,6 +199,29 @@ class IngestSettings(BaseSettings):
                 raise ValueError(f'{source}: expected a JSON object {{"key_id": "secret"}}')
             entries = {k: {"secret": v} if isinstance(v, str) else v for k, v in parsed.items()}
             data = {**data, "keyring": entries}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_calibration(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        raw, source = data.get("camera_calibration"), "INGEST_CAMERA_CALIBRATION"
+        path = data.get("camera_calibration_file")
+        if not raw and path:
+            source = "INGEST_CAMERA_CALIBRATION_FILE"
+            try:
+                raw = Path(path).read_text()
+            except OSError as exc:
+                raise ValueError(f"{source}: cannot read {path}: {exc.strerror}") from None
+        if isinstance(raw, str):
+            try:
+                parsed = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{source}: not valid JSON ({exc.msg})") from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f'{source}: expected {{"site": {{"camera": {{...}}}}}}')
+            data = {**data, "camera_calibration": parsed}
         return data
 
     @model_validator(mode="before")
@@ -176,6 +253,9 @@ class IngestSettings(BaseSettings):
             max_pixels=self.max_pixels,
             max_fps=self.max_fps,
         )
+
+    def calibration_for(self, site: str) -> dict[str, Calibration]:
+        return dict(self.camera_calibration.get(site, {}))
 
     def lock_ttl_ms(self) -> int:
         return int(max(self.lock_ttl_min_s, 2 * self.visibility_timeout_s) * 1000)

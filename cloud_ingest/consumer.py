@@ -21,7 +21,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
@@ -35,10 +34,11 @@ from cloud_ingest.failures import (
     describe,
     error_type,
 )
-from cloud_ingest.handoff import Handoff, close_expired
+from cloud_ingest.handoff import Handoff
 from cloud_ingest.media_pool import MediaPool, WorkerError
 from cloud_ingest.processor import ChunkProcessor, Outcome
 from cloud_ingest.totals import Tally
+from cloud_ingest.windows import Windows
 from shared import logs
 from shared.backoff import Backoff
 from shared.keys import consumer_totals_key, redis_probe_key, s3_probe_key
@@ -154,7 +154,9 @@ class Consumer:
             queue = GroupConsumer(redis, settings.stream, settings.group, self.name)
             stack.push_async_callback(self.pool.close)
             await self.pool.start()
-            processor = self.processor_class(settings, s3, redis, self.name, self.pool)
+            processor = self.processor_class(
+                settings, s3, redis, self.name, self.pool, tally=self.tally
+            )
             canary = Canary(
                 settings.output_bucket,
                 s3_probe_key(settings.output_prefix, self.name),
@@ -163,12 +165,12 @@ class Consumer:
             )
             buckets = [settings.raw_bucket, settings.output_bucket]
             probe = EnvProbe(s3, redis, buckets, self.pool, canary=canary)
-            handoff = Handoff(settings, redis, self.name, self.tally)
+            handoff = Handoff(settings, redis, s3, self.name, self.tally)
             stack.push_async_callback(self._within, "close_handoff", handoff.close)
             tasks = Supervisor(log, lambda _name: self.tally.inc("task_crashes"))
             stack.push_async_callback(self._close_tasks, tasks)
             tasks.start("leases", lambda: self._renew_leases(queue, processor))
-            tasks.start("windows", lambda: self._windows(redis, handoff))
+            tasks.start("windows", lambda: self._windows(processor.windows, handoff))
             log.info("consumer.started", pid=os.getpid(), media_workers=self.pool.pids())
             loop = asyncio.create_task(self._drain_loop(queue, processor, probe), name="drain")
             try:
@@ -592,7 +594,7 @@ class Consumer:
                     log.warning("lease.lost", entry_id=entry_id.decode())
                     task.cancel()
 
-    async def _windows(self, redis: aioredis.Redis, handoff: Handoff) -> None:
+    async def _windows(self, windows: Windows, handoff: Handoff) -> None:
         """Close windows past their timeout and hand off closed ones, until the drain."""
         pause, ready = 0.0, False
         while not self._stop.is_set() and not await _wait(self._closing, pause):
@@ -600,7 +602,7 @@ class Consumer:
                 if not ready:  # the group, once (and again after a failure)
                     await handoff.setup()
                     ready = True
-                await close_expired(redis, self.settings)
+                await windows.close_due()
                 pause = 0.0
                 if not await handoff.step():
                     await handoff.track_jobs()

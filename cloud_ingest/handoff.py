@@ -1,14 +1,13 @@
-"""Scene windows and their hand-off to reconstruction, labeling and downstream consumers.
+"""The hand-off of closed scene windows to reconstruction, labeling and downstream.
 
-Accepted chunks are grouped per site into fixed windows of ``INGEST_WINDOW_S``
-(multi-view reconstruction needs every view of the same moment). A window
-closes when every expected camera of the site (``INGEST_SITE_CAMERAS``) has
-covered its end, or ``INGEST_WINDOW_TIMEOUT_S`` after its end. Closing is
-atomic (``ZREM`` of the open-window index decides who closes) and puts the
-window on ``{stream}:windows``, a stream with its own consumer group, so the
-hand-off inherits the queue's at-least-once delivery. Each sink is idempotent
-and remembered per window once done: a Ray job with a deterministic
-``submission_id``, a signed webhook with an idempotency key, a downstream stream.
+Closed window revisions (``cloud_ingest.windows``) wait on ``{stream}:windows``, a
+stream with its own consumer group, so the hand-off inherits the queue's at-least-once
+delivery. For each revision the hand-off first writes its MCAP (``scene_mcap``), then
+runs every configured sink. Each step is idempotent and remembered per revision id once
+done: a Ray job with a deterministic ``submission_id``, a signed webhook with an
+``Idempotency-Key``, a downstream stream entry. A revision whose hand-off keeps failing
+is dead-lettered to ``{stream}:windows:dlq`` after ``INGEST_MAX_DELIVERIES`` attempts
+(a sink that is only busy does not count), with the last error as its reason.
 """
 
 from __future__ import annotations
@@ -18,36 +17,24 @@ import contextlib
 import hashlib
 import hmac
 import json
-import math
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import aiohttp
 import redis.asyncio as aioredis
+import structlog
 
 from cloud_ingest.config import IngestSettings
+from cloud_ingest.scene_mcap import publish_mcap
 from cloud_ingest.totals import Tally
-from shared.keys import (
-    ACTIVE_JOBS,
-    JOBS,
-    OPEN_WINDOWS,
-    handoff_done_key,
-    handoff_stream,
-    window_key,
-)
-from shared.manifest import Manifest
+from shared.keys import ACTIVE_JOBS, JOBS, handoff_done_key, handoff_stream
 from shared.queue import Entry, GroupConsumer, ReapCursor, ensure_group, publish
 
+log = structlog.get_logger("cloud_ingest")
 T = TypeVar("T")
 HANDOFF_GROUP = "handoff"
-# KEYS: the open-window index, the windows stream. ARGV: window key, its document.
-CLOSE_SCRIPT = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[2], '*', 'window', ARGV[2])
-return 1
-"""
+DONE_TTL_S = 30 * 86400
 
 
 class SinkBusy(Exception):
@@ -93,94 +80,6 @@ class TimeLimitedThread:
             raise TimeoutError(f"Job API call exceeded {self.timeout_s:g}s") from None
 
 
-# -- windows -------------------------------------------------------------------
-
-
-def window_start(m: Manifest, size_s: int) -> int:
-    return int(math.floor(m.start_time.timestamp() / size_s) * size_s)
-
-
-async def note_processed(
-    client: aioredis.Redis, settings: IngestSettings, m: Manifest, shard_key: str | None
-) -> None:
-    """Count a processed chunk's time towards its window (accepted ones also join the
-    hand-off with their shard); close the window once every expected view covers it."""
-    start = window_start(m, settings.window_s)
-    key = window_key(m.site_id, start)
-    end = start + settings.window_s
-    chunk_start = m.start_time.timestamp()
-    overlap = max(0.0, min(end, chunk_start + m.media_duration_s) - max(start, chunk_start))
-    async with client.pipeline(transaction=True) as pipe:
-        if shard_key is not None:
-            pipe.hset(key, f"chunk:{m.camera_id}:{m.chunk_id}", shard_key)
-        pipe.hset(key, f"seen:{m.camera_id}:{m.chunk_id}", str(overlap))  # idempotent on redo
-        pipe.hset(key, "site", m.site_id)
-        pipe.hset(key, "start", str(start))
-        # Timeout counted from the window's end, or from its first chunk for backfilled footage.
-        pipe.zadd(OPEN_WINDOWS, {key: max(end, time.time()) + settings.window_timeout_s}, nx=True)
-        pipe.expire(key, 7 * 86400)
-        await pipe.execute()
-    expected = settings.site_cameras.get(m.site_id)
-    if expected and _covered(await client.hgetall(key), settings.window_s) >= set(expected):
-        await close(client, settings, key, "complete")
-
-
-def _covered(fields: Any, window_s: int) -> set[str]:
-    """Cameras whose processed chunks cover the whole window (to half a second)."""
-    seconds: dict[str, float] = {}
-    for name, value in fields.items():
-        if name.startswith(b"seen:"):
-            camera = name.decode().split(":", 2)[1]
-            seconds[camera] = seconds.get(camera, 0.0) + float(value)
-    return {c for c, s in seconds.items() if s >= window_s - 0.5}
-
-
-async def close_expired(client: aioredis.Redis, settings: IngestSettings) -> int:
-    due: Any = await client.zrangebyscore(OPEN_WINDOWS, "-inf", time.time(), start=0, num=20)
-    closed = 0
-    for key in due:
-        closed += int(await close(client, settings, key.decode(), "timeout"))
-    return closed
-
-
-async def close(client: aioredis.Redis, settings: IngestSettings, key: str, why: str) -> bool:
-    """Close a window once: whoever removes it from the open index hands it off, in the same
-    script (a consumer dying between the two would otherwise lose the window)."""
-    fields: Any = await client.hgetall(key)
-    if not fields:
-        await client.zrem(OPEN_WINDOWS, key)  # expired or never written: nothing to hand off
-        return False
-    doc = _window_doc(fields, settings, why)
-    body = json.dumps(doc, allow_nan=False).encode()
-    closed: Any = await client.eval(
-        CLOSE_SCRIPT, 2, OPEN_WINDOWS, handoff_stream(settings.stream), key, body
-    )
-    return bool(closed)
-
-
-def _window_doc(fields: dict[bytes, bytes], settings: IngestSettings, why: str) -> dict[str, Any]:
-    site = fields[b"site"].decode()
-    start = int(fields[b"start"])
-    chunks: dict[str, list[dict[str, str]]] = {}
-    for name, value in fields.items():
-        if name.startswith(b"chunk:"):
-            _, camera, chunk_id = name.decode().split(":", 2)
-            chunks.setdefault(camera, []).append({"chunk_id": chunk_id, "shard": value.decode()})
-    for items in chunks.values():
-        items.sort(key=lambda c: c["chunk_id"])
-    expected = settings.site_cameras.get(site, [])
-    return {
-        "window_id": f"{site}-{start}",
-        "site_id": site,
-        "start": start,
-        "end": start + settings.window_s,
-        "closed_because": why,
-        "cameras": sorted(chunks),
-        "missing_cameras": sorted(set(expected) - set(chunks)),
-        "chunks": {c: chunks[c] for c in sorted(chunks)},
-    }
-
-
 # -- sinks ---------------------------------------------------------------------
 
 
@@ -188,10 +87,11 @@ class Handoff:
     """Runs the configured sinks for closed windows; one per consumer actor."""
 
     def __init__(
-        self, settings: IngestSettings, client: aioredis.Redis, name: str, tally: Tally
+        self, settings: IngestSettings, client: aioredis.Redis, s3: Any, name: str, tally: Tally
     ) -> None:
         self.settings = settings
         self.client = client
+        self.s3 = s3
         self.queue = GroupConsumer(client, handoff_stream(settings.stream), HANDOFF_GROUP, name)
         self.http: aiohttp.ClientSession | None = None
         self.tally = tally
@@ -227,26 +127,81 @@ class Handoff:
 
     async def step(self) -> int:
         """Hand off the windows waiting for us (ours first, then stale ones, then new)."""
-        entries = await self.queue.claim_stale(self.reap, 30_000, 4)
+        stale_ms = int(self.settings.handoff_claim_s * 1000)
+        entries = await self.queue.claim_stale(self.reap, stale_ms, 4)
         entries = entries or await self.queue.read(4, None)
         for entry in entries:
-            await self._one(entry)
+            await self._hand_off(entry)
         return len(entries)
 
-    async def _one(self, entry: Entry) -> None:
+    async def _hand_off(self, entry: Entry) -> None:
         doc = json.loads(entry.fields[b"window"])
-        done_key = handoff_done_key(doc["window_id"])
+        done_key = handoff_done_key(doc["revision_id"])
+        done: Any = await self.client.hgetall(done_key)
+        attempts = entry.deliveries - int(done.get(b"busy", 0))
+        if attempts > self.settings.max_deliveries:
+            await self._dead_letter(entry, doc, done)
+            return
         try:
+            summary = await self._mcap(doc, done)
+            full = {**doc, "mcap": summary}
             for sink in self.settings.handoff_sinks:
-                if await self.client.hexists(done_key, sink):
+                if sink.encode() in done:
                     continue
-                result = await getattr(self, f"_sink_{sink}")(doc)
+                result = await getattr(self, f"_sink_{sink}")(full)
                 await self.client.hset(done_key, sink, result)
                 self.tally.inc(f"handoff_{sink}")
         except SinkBusy:
+            await self.client.hincrby(done_key, "busy", 1)  # not an attempt that failed
+            await self.client.expire(done_key, DONE_TTL_S)
             return  # stays pending; tried again later
-        await self.client.expire(done_key, 30 * 86400)
+        except Exception as exc:
+            await self.client.hset(done_key, "error", repr(exc)[:1000])
+            await self.client.expire(done_key, DONE_TTL_S)
+            raise
+        await self.client.expire(done_key, DONE_TTL_S)
         await self.queue.ack([entry.id])
+        log.info(
+            "window.handed_off",
+            revision_id=doc["revision_id"],
+            sinks=list(self.settings.handoff_sinks),
+            mcap_bytes=summary["bytes"],
+            mcap_write_s=summary["write_s"],
+        )
+
+    async def _mcap(self, doc: dict[str, Any], done: dict[bytes, bytes]) -> dict[str, Any]:
+        """The revision's MCAP, written once (its summary kept with the done record)."""
+        if b"mcap" in done:
+            summary: dict[str, Any] = json.loads(done[b"mcap"])
+            return summary
+        summary = await publish_mcap(self.s3, self.settings, doc)
+        await self.client.hset(
+            handoff_done_key(doc["revision_id"]), "mcap", json.dumps(summary, sort_keys=True)
+        )
+        self.tally.inc("handoff_mcap")
+        log.info(
+            "window.mcap",
+            revision_id=doc["revision_id"],
+            key=summary["key"],
+            bytes=summary["bytes"],
+            write_s=summary["write_s"],
+            upload_s=summary["upload_s"],
+            messages={c: v["messages"] for c, v in summary["channels"].items()},
+        )
+        return summary
+
+    async def _dead_letter(
+        self, entry: Entry, doc: dict[str, Any], done: dict[bytes, bytes]
+    ) -> None:
+        detail = done.get(b"error", b"").decode()
+        if await self.queue.dead_letter(entry, "handoff_failed", detail):
+            self.tally.note("windows_dead_lettered")
+            log.error(
+                "window.dead_lettered",
+                revision_id=doc["revision_id"],
+                deliveries=entry.deliveries,
+                error=detail[:300],
+            )
 
     async def _sink_stream(self, doc: dict[str, Any]) -> str:
         entry_id = await publish(
@@ -254,6 +209,7 @@ class Handoff:
             self.settings.handoff_stream,
             {
                 "window_id": doc["window_id"].encode(),
+                "revision_id": doc["revision_id"].encode(),
                 "window": json.dumps(doc, sort_keys=True, allow_nan=False).encode(),
             },
         )
@@ -262,7 +218,8 @@ class Handoff:
     async def _sink_webhook(self, doc: dict[str, Any]) -> str:
         if not self.settings.webhook_url or self.settings.webhook_secret is None:
             raise RuntimeError("INGEST_WEBHOOK_URL and INGEST_WEBHOOK_SECRET are required")
-        body = json.dumps(doc, sort_keys=True, allow_nan=False).encode()
+        payload = {**doc, "urls": await self._presigned(doc)}
+        body = json.dumps(payload, sort_keys=True, allow_nan=False).encode()
         mac = hmac.new(
             self.settings.webhook_secret.get_secret_value().encode(), body, hashlib.sha256
         ).hexdigest()
@@ -272,13 +229,35 @@ class Handoff:
             data=body,
             headers={
                 "Content-Type": "application/json",
-                "Idempotency-Key": doc["window_id"],
+                "Idempotency-Key": doc["revision_id"],
                 "X-Signature": f"sha256={mac}",
             },
         ) as resp:
             if resp.status >= 300:
                 raise RuntimeError(f"webhook answered {resp.status}")
             return str(resp.status)
+
+    async def _presigned(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """GET URLs for the MCAP and every raw chunk, expiring after
+        INGEST_WEBHOOK_URL_EXPIRY_S (signed locally: no request to S3)."""
+        expiry = self.settings.webhook_url_expiry_s
+
+        async def url(bucket: str, key: str) -> str:
+            params = {"Bucket": bucket, "Key": key}
+            signed: str = await self.s3.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=expiry
+            )
+            return signed
+
+        chunks = {
+            camera: {n["chunk_id"]: await url(self.settings.raw_bucket, n["key"]) for n in notes}
+            for camera, notes in doc["chunks"].items()
+        }
+        return {
+            "expires_in_s": expiry,
+            "mcap": await url(self.settings.output_bucket, doc["mcap_key"]),
+            "chunks": chunks,
+        }
 
     async def _sink_ray_job(self, doc: dict[str, Any]) -> str:
         submission = await self.jobs.call(self._submit, doc)
@@ -292,7 +271,7 @@ class Handoff:
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(self.settings.job_address)
-        submission_id = f"window-{doc['window_id']}"
+        submission_id = f"window-{doc['revision_id']}"
         chunk_ids = ",".join(c["chunk_id"] for items in doc["chunks"].values() for c in items)
         active = [
             j
@@ -308,13 +287,21 @@ class Handoff:
             bucket=self.settings.output_bucket,
             prefix=self.settings.output_prefix,
             window_id=doc["window_id"],
+            revision=doc["revision"],
+            revision_id=doc["revision_id"],
+            mcap_key=doc["mcap_key"],
             site=doc["site_id"],
             start=doc["start"],
             end=doc["end"],
             chunk_ids=chunk_ids,
         )
         try:
-            client.submit_job(entrypoint=entrypoint, submission_id=submission_id)
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                entrypoint_num_cpus=self.settings.job_entrypoint_num_cpus,
+                metadata={"window_id": doc["window_id"], "revision_id": doc["revision_id"]},
+            )
         except RuntimeError as exc:
             if "already exists" not in str(exc):
                 raise

@@ -22,10 +22,11 @@ from redis.exceptions import RedisError
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.failures import RawReadFailed, ReadBreaker
 from cloud_ingest.filters import Analysis
-from cloud_ingest.handoff import note_processed
 from cloud_ingest.media_pool import MediaPool
 from cloud_ingest.objects import SizeError, get_bounded
 from cloud_ingest.preprocess import media_work
+from cloud_ingest.totals import Tally
+from cloud_ingest.windows import Windows
 from shared.keys import (
     camera_owner_key,
     chunk_key,
@@ -79,8 +80,11 @@ class ChunkProcessor:
         redis: aioredis.Redis,
         consumer: str,
         pool: MediaPool,
+        *,
+        tally: Tally | None = None,
     ) -> None:
         self.settings = settings
+        self.windows = Windows(settings, redis, s3, tally)
         self.s3 = s3
         self.redis = redis
         self.consumer = consumer
@@ -216,7 +220,8 @@ class ChunkProcessor:
             shard = await self._store_shard(m, media.shard, media.frames)
             timings["preprocess_s"] += time.monotonic() - t0
         shard_key = None if shard is None else str(shard["key"])
-        await note_processed(self.redis, self.settings, m, shard_key)  # before the done record
+        verdict = analysis.reason or "accepted"
+        await self.windows.note(m, verdict, shard_key, analysis.scores)  # before the record
         record = self._record(signed, entry, analysis, shard)
         await self.s3.put_object(
             Bucket=self.settings.output_bucket,
@@ -224,7 +229,7 @@ class ChunkProcessor:
             Body=record,
             ContentType="application/json",
         )
-        return Outcome("processed", m, analysis.reason or "accepted", timings)
+        return Outcome("processed", m, verdict, timings)
 
     async def _download(self, m: Manifest) -> bytes:
         """The chunk's bytes, exactly ``size_bytes`` of them: a bigger object is refused from

@@ -27,10 +27,10 @@ from edge_agent.ledger import LEDGER_ERRORS, Ledger
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import announce, with_evictions
 from edge_agent.spool import UNFINISHED, WRITTEN, Record
-from edge_agent.uploader import Uploader
 from shared import logs
 from shared.backoff import Backoff
 from shared.manifest import Manifest
+from shared.uploader import Uploader
 
 log = structlog.get_logger("edge_agent")
 

@@ -10,11 +10,11 @@ import redis.asyncio as aioredis
 from edge_agent.config import EdgeSettings
 from edge_agent.segmenter import ClosedChunk
 from edge_agent.spool import Position
-from edge_agent.uploader import content_md5
 from shared import __version__
 from shared.keys import chunk_key, manifest_key
 from shared.manifest import Manifest, derive_chunk_id, sign_fields
 from shared.queue import publish
+from shared.uploader import content_md5
 
 # A chunk that starts within this much of where the previous one ended is contiguous.
 CONTIGUITY_TOLERANCE_S = 0.5

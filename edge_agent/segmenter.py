@@ -20,7 +20,7 @@ import av
 
 from edge_agent.capture import CameraError
 from edge_agent.durable import fsync_and_hash
-from edge_agent.params import HEAD_BYTES, dimensions, parameter_sets
+from shared.params import HEAD_BYTES, dimensions, parameter_sets
 
 FMP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
 

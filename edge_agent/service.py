@@ -45,11 +45,11 @@ from edge_agent.health import Lane, Progress, measure_loop_lag
 from edge_agent.ledger import Ledger
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.spool import UNFINISHED, Freed, Limits, Pruned, Recovered, Spool
-from edge_agent.uploader import RateLimit, Uploader
 from shared import logs, systemd
 from shared.http import serve
 from shared.s3 import open_s3
 from shared.tasks import Supervisor
+from shared.uploader import RateLimit, Uploader
 
 log = structlog.get_logger("edge_agent")
 

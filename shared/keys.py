@@ -73,13 +73,40 @@ OPEN_WINDOWS = "ingest:windows:open"  # sorted set: window key -> close-by deadl
 
 
 def window_key(site_id: str, window_start: int) -> str:
-    """A scene window: every accepted chunk of one site within one time window."""
+    """A scene window: a note per processed chunk of one site overlapping one time window."""
     return f"ingest:window:{site_id}:{window_start}"
 
 
-def handoff_done_key(window_id: str) -> str:
-    """Which hand-off sinks have completed for a window (idempotency across redeliveries)."""
-    return f"ingest:handoff:{window_id}"
+def site_gaps_key(site_id: str) -> str:
+    """Gaps the edges of a site declared (sorted set, scored by the gap's end)."""
+    return f"ingest:gaps:{site_id}"
+
+
+def window_id(site_id: str, window_start: int) -> str:
+    """A window's base id (contract); each revision is ``{window_id}-r{revision}``."""
+    return f"{site_id}-{window_start}"
+
+
+def revision_id(window: str, revision: int) -> str:
+    return f"{window}-r{revision}"
+
+
+def window_state_key(prefix: str, site_id: str, window_start: int) -> str:
+    """The window's last closed revision and its notes: in S3, where it does not expire
+    under the window (a backfill long after the close still makes the next revision)."""
+    return _join(prefix, "windows", site_id, str(window_start), "state.json")
+
+
+def window_mcap_key(prefix: str, site_id: str, window_start: int, revision: int) -> str:
+    """One MCAP per window revision (contract: the closed window's ``mcap_key``)."""
+    name = f"{revision_id(window_id(site_id, window_start), revision)}.mcap"
+    return _join(prefix, "windows", site_id, str(window_start), name)
+
+
+def handoff_done_key(revision: str) -> str:
+    """Which hand-off steps have completed for a window revision (idempotency across
+    redeliveries; keyed on the revision id, so revision 2 is not taken for revision 1)."""
+    return f"ingest:handoff:{revision}"
 
 
 JOBS = "ingest:jobs"  # hash: submission id -> last known status of hand-off Ray jobs

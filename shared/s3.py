@@ -17,7 +17,10 @@ def s3_config(max_connections: int = 10) -> AioConfig:
     # carry Content-MD5 and a CRC32 the server checks (BadDigest), small bodies botocore's
     # own CRC32, and the cloud checks every chunk against its signed manifest's sha256.
     # (Over https botocore already sends UNSIGNED-PAYLOAD whenever a checksum is present.)
+    # signature_version: presigned URLs (the webhook's) are SigV4 too, not botocore's
+    # legacy SigV2 for S3 (which newer stores refuse, and which cannot expire in < 1 s).
     return AioConfig(
+        signature_version="s3v4",
         s3={"addressing_style": "path", "payload_signing_enabled": False},
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=10,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import subprocess
 import sys
@@ -47,10 +46,10 @@ async def test_dataset_streams_decoded_frames_from_the_shards(
     assert float(np.mean([r["image"].mean() for r in rows])) > 50  # real pixels, not zeros
 
 
-async def test_dataset_example_jobs_run_on_real_shards(
+async def test_dataset_training_example_runs_on_real_shards(
     stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
 ) -> None:
-    ids = await processed_three(stack, s3, edge, chunks)
+    await processed_three(stack, s3, edge, chunks)
     env = {
         **stack.ingest_env(),
         "INGEST_S3_ENDPOINT_URL": stack.s3_endpoint,
@@ -73,18 +72,3 @@ async def test_dataset_example_jobs_run_on_real_shards(
         example, "examples/train_brightness.py", "--bucket", stack.out_bucket, "--epochs", "2"
     )
     assert trained["frames"] == 12 and trained["epochs"] == 2
-    window = await asyncio.to_thread(
-        example,
-        "examples/reconstruct_background.py",
-        "--bucket",
-        stack.out_bucket,
-        "--site",
-        "site-1",
-        "--window-id",
-        "site-1-test",
-        *[f"--chunk-id={i}" for i in ids[:2]],
-    )
-    assert window["cameras"] == ["cam1"] and window["frames"] == 8
-    [key] = window["outputs"]  # type: ignore[misc]
-    plate = np.load(io.BytesIO(await s3.get(stack.out_bucket, str(key))))
-    assert plate.shape == (120, 160, 3)

@@ -33,7 +33,7 @@ from tests.support import (
 )
 
 SECRET = "webhook-secret"
-ENTRYPOINT = """python -c "print('reconstruct {window_id} from {chunk_ids}')" """
+ENTRYPOINT = """python -c "print('reconstruct {revision_id} {mcap_key} from {chunk_ids}')" """
 
 
 @pytest.fixture
@@ -98,15 +98,34 @@ async def test_handoff_window_closes_when_every_view_arrived(
         cloud.kill()
     [window] = await downstream(edge)
     assert window["closed_because"] == "complete"
-    assert window["cameras"] == ["cam1", "cam2"] and window["missing_cameras"] == []
+    assert window["revision"] == 1 and window["revision_id"] == f"{window['window_id']}-r1"
+    assert window["supersedes"] is None
+    seconds = {c["camera_id"]: (c["accepted_s"], c["unexplained_s"]) for c in window["cameras"]}
+    assert seconds == {"cam1": (10.0, 0.0), "cam2": (10.0, 0.0)}
+    assert window["missing_cameras"] == []
     assert {c: len(v) for c, v in window["chunks"].items()} == {"cam1": 5, "cam2": 5}
     [call] = received
     body, headers = call["body"], call["headers"]
     expected = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     assert headers["X-Signature"] == f"sha256={expected}"
-    assert headers["Idempotency-Key"] == window["window_id"] == json.loads(body)["window_id"]
-    done = await edge.redis.hgetall(f"ingest:handoff:{window['window_id']}")
-    assert set(done) == {b"stream", b"webhook"}
+    payload = json.loads(body)
+    assert headers["Idempotency-Key"] == window["revision_id"] == payload["revision_id"]
+    # Presigned GETs that work without credentials: the MCAP and every raw chunk.
+    mcap = await s3.get(stack.out_bucket, window["mcap_key"])
+    assert (
+        payload["urls"]["expires_in_s"] == 86400
+        and "X-Amz-Expires=86400" in payload["urls"]["mcap"]
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.get(payload["urls"]["mcap"]) as resp:
+            assert resp.status == 200 and await resp.read() == mcap
+        first = window["chunks"]["cam2"][0]
+        async with http.get(payload["urls"]["chunks"]["cam2"][first["chunk_id"]]) as resp:
+            assert resp.status == 200
+            assert await resp.read() == await s3.get(stack.raw_bucket, first["key"])
+    assert payload["mcap"]["sha256"] == hashlib.sha256(mcap).hexdigest()
+    done = await edge.redis.hgetall(f"ingest:handoff:{window['revision_id']}")
+    assert set(done) == {b"mcap", b"stream", b"webhook"}
     assert await edge.redis.xlen("chunks:windows") == 0  # hand-off acknowledged and deleted
 
 
@@ -133,7 +152,10 @@ async def test_handoff_window_closes_on_timeout_with_a_missing_view(
         cloud.kill()
     [window] = await downstream(edge)
     assert window["closed_because"] == "timeout"
-    assert window["cameras"] == ["cam1"] and window["missing_cameras"] == ["cam2"]
+    cameras = {c["camera_id"]: c for c in window["cameras"]}
+    assert cameras["cam1"]["accepted_s"] == 10.0 and cameras["cam1"]["accounted"]
+    assert cameras["cam2"]["unexplained_s"] == 10.0 and not cameras["cam2"]["accounted"]
+    assert window["missing_cameras"] == ["cam2"] and list(window["chunks"]) == ["cam1"]
     assert len(window["chunks"]["cam1"]) == 5
 
 
@@ -156,7 +178,7 @@ async def test_handoff_submits_one_ray_job_per_window(
         INGEST_JOB_ENTRYPOINT=ENTRYPOINT,
     )
     client = JobSubmissionClient(dashboard)
-    window_id = f"site-1-{int(BASE_TIME.timestamp())}"
+    window_id = f"site-1-{int(BASE_TIME.timestamp())}-r1"
     submission = f"window-{window_id}"
     try:
 
@@ -174,12 +196,14 @@ async def test_handoff_submits_one_ray_job_per_window(
     finally:
         cloud.kill()
     logs = client.get_job_logs(submission)
-    [line] = [ln for ln in logs.splitlines() if ln.startswith(f"reconstruct {window_id} from ")]
+    [line] = [ln for ln in logs.splitlines() if ln.startswith(f"reconstruct {window_id} ")]
+    mcap_key = f"processed/windows/site-1/{int(BASE_TIME.timestamp())}/{window_id}.mcap"
+    assert line.split()[2] == mcap_key and await s3.get(stack.out_bucket, mcap_key)
     assert len(line.rsplit(" ", 1)[1].split(",")) == 5  # the window's five chunk ids
     ours = [j for j in client.list_jobs() if (j.submission_id or "").startswith("window-")]
     assert [j.submission_id for j in ours] == [submission]  # one job per window, once
     done = await edge.redis.hgetall(f"ingest:handoff:{window_id}")
-    assert done == {b"ray_job": submission.encode()}
+    assert done[b"ray_job"] == submission.encode() and set(done) == {b"mcap", b"ray_job"}
     assert await edge.redis.hget("ingest:jobs", submission) == b"SUCCEEDED"
     assert not await edge.redis.sismember("ingest:jobs:active", submission)
 
@@ -204,6 +228,7 @@ async def test_handoff_respects_the_concurrent_job_limit(
         INGEST_JOB_ADDRESS=dashboard,
         INGEST_FILTER_RECENT_CHUNKS="0",
         INGEST_JOB_MAX_CONCURRENT="1",
+        INGEST_HANDOFF_CLAIM_S="3",  # the busy window is tried again this soon
         INGEST_JOB_ENTRYPOINT="sleep 4 # {window_id}",
     )
     client = JobSubmissionClient(dashboard)
@@ -271,14 +296,17 @@ async def test_handoff_every_output_is_strict_json(
         assert cloud.terminate() == 0
     finally:
         cloud.kill()
-    documents = [await s3.get(stack.out_bucket, k) for k in await s3.keys(stack.out_bucket)]
-    records = [strict_json(d) for d in documents if d.startswith(b"{")]
+    keys = await s3.keys(stack.out_bucket)
+    documents = [await s3.get(stack.out_bucket, k) for k in keys]
+    records = [strict_json(await s3.get(stack.out_bucket, k)) for k in keys if "/records/" in k]
+    states = [strict_json(d) for k, d in zip(keys, documents, strict=True) if "state.json" in k]
     shards = [pq.read_table(io.BytesIO(d)) for d in documents if d.startswith(b"PAR1")]
     scores = [strict_json(s) for t in shards for s in t.column("scores").to_pylist()]
     windows = [strict_json(f[b"window"]) for _, f in await edge.redis.xrange("windows.closed")]
     bodies = [strict_json(call["body"]) for call in received]
     [one] = [r for r in records if r["manifest"]["seq"] == 2]
-    assert len(records) == len(documents) - len(shards) == 5
+    assert len(records) == 5 and len(states) == 1  # the window's state (S3), one MCAP
+    assert len(documents) == len(records) + len(states) + len(shards) + 1
     assert len(shards) == 5 and len(windows) == len(bodies) == 1
     assert one["status"] == "accepted" and one["integrity"]["keyframes_decoded"] == 1
     assert one["scores"]["motion"] is None and "one keyframe" in one["score_notes"]["motion"]
@@ -336,6 +364,7 @@ async def test_handoff_a_dashboard_that_never_answers_is_given_up_on_and_retried
         dashboard.close()
     [group] = await edge.redis.xinfo_groups("chunks:windows")
     assert group["pending"] == 1  # the window waits for its hand-off, nothing lost
-    assert not await edge.redis.exists(f"ingest:handoff:site-1-{int(BASE_TIME.timestamp())}")
+    done = await edge.redis.hgetall(f"ingest:handoff:site-1-{int(BASE_TIME.timestamp())}-r1")
+    assert b"mcap" in done and b"ray_job" not in done  # the MCAP is written, the job is not
     assert stopped_in < 15
     assert any("Job API call exceeded 1s" in e["error"] for e in cloud.events("handoff.retry"))

@@ -17,9 +17,9 @@ from botocore.exceptions import ClientError
 from devstack.proxy import HttpTap, TappedRequest
 from devstack.s3 import S3
 from devstack.servers import SeaweedS3
-from edge_agent.uploader import MIB, FileRange, RateLimit, Uploader
 from shared.manifest import Manifest, derive_chunk_id
 from shared.s3 import object_exists
+from shared.uploader import MIB, FileRange, RateLimit, Uploader
 from tests.support import Stack, report_figures
 
 

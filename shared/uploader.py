@@ -189,56 +189,67 @@ class Uploader:
             return await request(Body=body, **checksums, **params)
 
     async def upload(self, path: Path, manifest: Manifest) -> None:
-        if manifest.size_bytes <= self.threshold:
+        await self.put_file(
+            path,
+            manifest.bucket,
+            manifest.key,
+            manifest.size_bytes,
+            "video/mp4",
+            {"sha256": manifest.sha256, "chunk-id": manifest.chunk_id},
+        )
+
+    async def put_file(
+        self,
+        path: Path,
+        bucket: str,
+        key: str,
+        size: int,
+        content_type: str,
+        metadata: dict[str, str],
+    ) -> None:
+        """The first ``size`` bytes of ``path`` as s3://bucket/key: one PUT below the
+        threshold, parts above it."""
+        target = {"Bucket": bucket, "Key": key}
+        if size <= self.threshold:
             await self._send(
                 path,
                 0,
-                manifest.size_bytes,
+                size,
                 self.s3.put_object,
-                Bucket=manifest.bucket,
-                Key=manifest.key,
-                ContentType="video/mp4",
-                Metadata=_metadata(manifest),
+                **target,
+                ContentType=content_type,
+                Metadata=metadata,
             )
             return
-        await self._multipart(path, manifest)
-
-    async def _multipart(self, path: Path, m: Manifest) -> None:
         created = await self.s3.create_multipart_upload(
-            Bucket=m.bucket, Key=m.key, ContentType="video/mp4", Metadata=_metadata(m)
+            **target, ContentType=content_type, Metadata=metadata
         )
         upload_id = created["UploadId"]
         try:
             parts = []
-            for number, offset in enumerate(range(0, m.size_bytes, self.part_size), start=1):
-                size = min(self.part_size, m.size_bytes - offset)
+            for number, offset in enumerate(range(0, size, self.part_size), start=1):
                 resp = await self._send(
                     path,
                     offset,
-                    size,
+                    min(self.part_size, size - offset),
                     self.s3.upload_part,
-                    Bucket=m.bucket,
-                    Key=m.key,
+                    **target,
                     UploadId=upload_id,
                     PartNumber=number,
                 )
                 parts.append({"PartNumber": number, "ETag": resp["ETag"]})
             await self.s3.complete_multipart_upload(
-                Bucket=m.bucket, Key=m.key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                **target, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
         except BaseException:
-            await asyncio.shield(self._abort(m, upload_id))
+            await asyncio.shield(self._abort(bucket, key, upload_id))
             raise
 
-    async def _abort(self, m: Manifest, upload_id: str) -> None:
+    async def _abort(self, bucket: str, key: str, upload_id: str) -> None:
         """Best effort and bounded (S3 may be unreachable: that may be why we are here);
         a bucket lifecycle rule for incomplete multipart uploads cleans up what is left."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
-                self.s3.abort_multipart_upload(Bucket=m.bucket, Key=m.key, UploadId=upload_id),
+                self.s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id),
                 ABORT_TIMEOUT_S,
             )
-
-
-def _metadata(m: Manifest) -> dict[str, str]:
-    return {"sha256": m.sha256, "chunk-id": m.chunk_id}
