@@ -232,10 +232,7 @@ def write_mcap(
             },
         )
     _write_calibration(writer, channel, tracks, calibration, start_ns)
-    merged = heapq.merge(
-        *[((f.log_ns, i, f) for f in t.frames()) for i, t in enumerate(tracks)],
-        key=lambda item: (item[0], item[1]),
-    )
+    merged = heapq.merge(*[_keyed(i, t) for i, t in enumerate(tracks)], key=lambda x: x[:2])
     sequence: dict[str, int] = {}
     for log_ns, i, frame in merged:
         track = tracks[i]
@@ -260,6 +257,12 @@ def write_mcap(
         }
         for t in tracks
     }
+
+
+def _keyed(index: int, track: Track) -> Iterator[tuple[int, int, Frame]]:
+    """A track's frames keyed for the merge: by log time, then camera (deterministic)."""
+    for frame in track.frames():
+        yield frame.log_ns, index, frame
 
 
 def _write_calibration(

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,18 +51,21 @@ log = structlog.get_logger("cloud_ingest")
 
 OPEN_TTL_S = 7 * 86400  # an open window's hash (it closes within its timeout)
 CLOSED_TTL_S = 86400  # a closed one's: later revisions merge with the state in S3
-# Seconds of a camera's window left unexplained that still count as accounted for: the
-# edge's chunk boundaries jitter by a few milliseconds.
-TOLERANCE_S = 0.5
+# Seconds of a camera's window left unexplained that still count as accounted for. On
+# the edge a chunk ends at the wall time its successor starts, so only rounding is left:
+# anything larger would close a window before its last fraction of a second arrived.
+TOLERANCE_S = 0.05
 MAX_WINDOWS_PER_CHUNK = 64  # a chunk longer than this many windows is noted in the first
 MAX_STATE_BYTES = 16 * 1024**2
 NOTE_PREFIX = "c:"
 
-# KEYS: the window's hash, the open index. ARGV: field, note, site, start, deadline, ttl.
+# KEYS: the window's hash, the open index. ARGV: field, note, site, start, deadline, ttl,
+# a fresh token that names this hash if it is new (``born``: which hash a state is of).
 # A note seen before (a chunk processed again after a crash) changes nothing; a new one
 # bumps the generation and (re)opens the window: a closed window's next revision.
 NOTE_SCRIPT = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
+redis.call('HSETNX', KEYS[1], 'born', ARGV[7])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'site', ARGV[3], 'start', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('ZADD', KEYS[2], 'NX', ARGV[5], KEYS[1])
@@ -236,6 +240,7 @@ class Prior:
 
     revision: int
     notes: dict[str, str]
+    born: str  # the hash it was saved from
 
 
 class Windows:
@@ -280,6 +285,7 @@ class Windows:
                 str(start),
                 str(deadline),
                 str(OPEN_TTL_S),
+                uuid.uuid4().hex,
             )
         if m.discontinuity and m.gap_before_s > 0:
             gap_windows = await self._note_gap(m, begin - m.gap_before_s, begin)
@@ -349,7 +355,10 @@ class Windows:
             return False
         seed: dict[str, str] = {}
         new = True
+        born = fields.get(b"born", b"").decode()
         prior = await self._prior(site, start) if revision == 0 else None
+        if prior is not None and prior.born == born:
+            prior = None  # saved from this very hash by a close that did not happen
         if prior is not None:  # a fresh hash after an earlier one closed and expired
             new = any(prior.notes.get(k) != v for k, v in notes.items())
             seed = {k: v for k, v in prior.notes.items() if k not in notes}
@@ -357,7 +366,7 @@ class Windows:
             doc = self._doc(site, start, revision + 1, notes, gaps)
         if new:
             revision += 1
-            await self._save_state(site, start, revision, notes)
+            await self._save_state(site, start, revision, notes, born)
         test_hook(self.settings.test_hook, "window.before_close")
         closed: Any = await self.redis.eval(
             CLOSE_SCRIPT,
@@ -394,19 +403,22 @@ class Windows:
                 return None
             raise
         state = json.loads(raw)
-        return Prior(int(state["revision"]), dict(state["notes"]))
+        return Prior(int(state["revision"]), dict(state["notes"]), str(state.get("born", "")))
 
     async def _save_state(
-        self, site: str, start: int, revision: int, notes: dict[str, str]
+        self, site: str, start: int, revision: int, notes: dict[str, str], born: str
     ) -> None:
-        """Before the close: the state is never behind what was published (a close that
-        then fails leaves a state one revision ahead, which the next close overwrites)."""
+        """Before the close: the state is never behind what was published. A close that
+        then does not happen leaves a state one revision ahead, which names the hash it
+        came from (``born``): that hash's next close overwrites it, and only a later hash
+        (after this one expired) takes its revision as the last one."""
         body = json.dumps(
             {
                 "window_id": window_id(site, start),
                 "revision": revision,
                 "revision_id": revision_id(window_id(site, start), revision),
                 "notes": notes,
+                "born": born,
             },
             sort_keys=True,
         ).encode()

@@ -1,0 +1,460 @@
+"""Scene windows on real servers: windows that complete on unaligned, filtered and gappy
+footage, revisions for late footage, crash-safe closes, a window dead-letter, and the
+window MCAP read back with the ``mcap`` reader and decoded with PyAV."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+from aiohttp import web
+from mcap.reader import make_reader
+from mcap_protobuf.decoder import DecoderFactory
+
+from devstack.media import make_clip
+from devstack.servers import free_port
+from edge_agent.segmenter import ClosedChunk
+from tests.support import (
+    BASE_TIME,
+    S3,
+    Edge,
+    Stack,
+    cloud_ingest,
+    eventually,
+    holds,
+    segment_file,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+W = 10  # INGEST_WINDOW_S in these tests
+WS = int(BASE_TIME.timestamp()) + W  # the window under test: [WS, WS + 10)
+CODECS = {"h264": "h264", "h265": "hevc"}
+CALIBRATION = {
+    "site-1": {
+        "cam1": {
+            "width": 320,
+            "height": 240,
+            "K": [300.0, 0.0, 160.0, 0.0, 300.0, 120.0, 0.0, 0.0, 1.0],
+            "D": [0.01, -0.02, 0.0, 0.0, 0.0],
+            "translation": [1.0, 2.0, 3.0],
+            "rotation": [0.0, 0.0, 0.0, 1.0],
+        }
+    }
+}
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]], list[int]]]:
+    """A webhook that records each call; ``status[0]`` is what it answers."""
+    received: list[dict[str, Any]] = []
+    status = [200]
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append({"body": await request.read(), "headers": dict(request.headers)})
+        return web.json_response({"ok": status[0] < 300}, status=status[0])
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/hook", received, status
+    await runner.cleanup()
+
+
+def at(offset: float) -> Any:
+    return BASE_TIME + timedelta(seconds=W + offset)
+
+
+async def closed_windows(edge: Edge) -> list[dict[str, Any]]:
+    return [json.loads(f[b"window"]) for _, f in await edge.redis.xrange("windows.closed")]
+
+
+async def window(edge: Edge, revision_id: str, timeout: float = 120) -> dict[str, Any]:
+    async def published() -> bool:
+        return any(w["revision_id"] == revision_id for w in await closed_windows(edge))
+
+    await eventually(published, timeout, f"window {revision_id} handed off")
+    [doc] = [w for w in await closed_windows(edge) if w["revision_id"] == revision_id]
+    return doc
+
+
+def read_mcap(data: bytes) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, str]]:
+    """(channels by topic, messages by topic as (log_time, publish_time, decoded), metadata)."""
+    reader = make_reader(io.BytesIO(data), decoder_factories=[DecoderFactory()])
+    summary = reader.get_summary()
+    assert summary is not None
+    channels = {c.topic: c for c in summary.channels.values()}
+    messages: dict[str, list[Any]] = {}
+    for _, channel, message, decoded in reader.iter_decoded_messages(log_time_order=False):
+        messages.setdefault(channel.topic, []).append(
+            (message.log_time, message.publish_time, decoded)
+        )
+    [meta] = [m.metadata for m in reader.iter_metadata() if m.name == "window"]
+    return channels, messages, dict(meta)
+
+
+def decode_channel(items: list[Any]) -> int:
+    """Decode every message of one video channel with PyAV; the frames it gave."""
+    ctx: Any = av.CodecContext.create(CODECS[items[0][2].format], "r")
+    frames = 0
+    for _, _, video in items:
+        frames += len(ctx.decode(av.Packet(video.data)))
+    return frames + len(ctx.decode(None))
+
+
+def source_frames(chunks: list[tuple[float, bytes]], start: float, end: float) -> int:
+    """From the raw chunks themselves: frames from the last keyframe at or before ``start``
+    (decode time on the edge clock: chunk start plus DTS offset) to before ``end``."""
+    times: list[tuple[float, bool]] = []
+    for begin, data in chunks:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            tb = Fraction(stream.time_base)
+            packets = [p for p in container.demux(stream) if p.dts is not None]
+            first = packets[0].dts
+            times += [(begin + float((p.dts - first) * tb), p.is_keyframe) for p in packets]
+    keys = [t for t, key in times if key and t <= start]
+    origin = max(keys) if keys else min(t for t, _ in times)
+    return sum(1 for t, _ in times if origin <= t < end)
+
+
+async def raw_chunks(s3: S3, stack: Stack, notes: list[dict[str, Any]]) -> list[Any]:
+    return [(n["start"], await s3.get(stack.raw_bucket, n["key"])) for n in notes]
+
+
+def by_camera(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["camera_id"]: c for c in doc["cameras"]}
+
+
+def seconds(doc: dict[str, Any]) -> dict[str, tuple[float, float, float, float]]:
+    return {
+        c: (v["accepted_s"], v["rejected_s"], v["gap_s"], v["unexplained_s"])
+        for c, v in by_camera(doc).items()
+    }
+
+
+async def test_windows_unaligned_filtered_and_gappy_views_complete_and_their_mcap_decodes(
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    webhook: tuple[str, list[dict[str, Any]], list[int]],
+    tmp_path: Path,
+) -> None:
+    """Three views of one window, none aligned to it: cam1 (H.264 with an AAC track)
+    starts 1 s before the window, cam2 (a static view: every chunk rejected `static`)
+    1.5 s before, cam3 (H.265) 0.5 s before, with a 2 s gap its edge declared. A chunk
+    counts towards every window it overlaps, a filtered view still covers, the declared
+    gap explains the rest: the window closes `complete`, with each camera's seconds
+    exact. Its MCAP opens with the mcap reader: one video channel per camera (h264,
+    h264, h265), calibration and /tf for cam1, every message decodes with PyAV, log
+    times within the window plus one GOP of pre-roll and never going back, the frame
+    count per camera equal to the raw chunks' over that span, and no audio. The example
+    reconstruction job reads it and makes a background plate per view."""
+    url, received, _ = webhook
+    still = segment_file(
+        make_clip(tmp_path / "still.mp4", 6, pattern="static"), tmp_path / "still", 2.0
+    )
+    hevc = segment_file(
+        make_clip(tmp_path / "hevc.mp4", 6, codec="libx265"), tmp_path / "hevc", 2.0
+    )
+    assert hevc[0].codec == "hevc"
+    seq = 0
+    for k in range(6):  # cam1 [WS-1, WS+11), cam2 [WS-1.5, WS+10.5)
+        await edge.send(chunks[k % 3], seq, camera_id="cam1", start_time=at(-1 + 2 * k))
+        await edge.send(still[k % 3], seq + 1, camera_id="cam2", start_time=at(-1.5 + 2 * k))
+        seq += 2
+    for offset in (-0.5, 1.5, 5.5, 7.5, 9.5):  # cam3: nothing in [WS+3.5, WS+5.5), declared
+        gap = offset == 5.5
+        await edge.send(
+            hevc[seq % 3],
+            seq,
+            camera_id="cam3",
+            start_time=at(offset),
+            discontinuity=gap,
+            gap_before_s=2.0 if gap else 0.0,
+        )
+        seq += 1
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S=str(W),
+        INGEST_WINDOW_TIMEOUT_S="600",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1", "cam2", "cam3"]}),
+        INGEST_FILTER_RECENT_CHUNKS="0",
+        INGEST_CAMERA_CALIBRATION=json.dumps(CALIBRATION),
+        INGEST_HANDOFF_SINKS='["stream", "webhook"]',
+        INGEST_WEBHOOK_URL=url,
+        INGEST_WEBHOOK_SECRET="webhook-secret",
+    )
+    try:
+        doc = await window(edge, f"site-1-{WS}-r1")
+
+        async def hooked() -> bool:
+            return bool(received)
+
+        await eventually(hooked, 60, "the webhook call")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    assert doc["closed_because"] == "complete" and doc["missing_cameras"] == []
+    assert seconds(doc) == {
+        "cam1": (10.0, 0.0, 0.0, 0.0),
+        "cam2": (0.0, 10.0, 0.0, 0.0),
+        "cam3": (8.0, 0.0, 2.0, 0.0),
+    }
+    assert doc["gaps"] == {"cam3": [{"start": WS + 3.5, "end": WS + 5.5}]}
+    assert {c: len(v) for c, v in doc["chunks"].items()} == {"cam1": 6, "cam2": 6, "cam3": 5}
+    assert {n["verdict"] for n in doc["chunks"]["cam2"]} == {"static"}
+    assert (doc["start"], doc["end"]) == (WS, WS + W)
+    assert doc["mcap_key"] == f"processed/windows/site-1/{WS}/site-1-{WS}-r1.mcap"
+    payload = json.loads(received[0]["body"])
+    assert payload["mcap"]["channels"]["cam3"]["b_frames"] is False
+
+    data = await s3.get(stack.out_bucket, doc["mcap_key"])
+    channels, messages, meta = read_mcap(data)
+    videos = {f"/{c}/video" for c in ("cam1", "cam2", "cam3")}
+    assert set(channels) == videos | {"/cam1/calibration", "/tf"}
+    formats = {t: channels[t].metadata["format"] for t in videos}
+    assert formats == {"/cam1/video": "h264", "/cam2/video": "h264", "/cam3/video": "h265"}
+    assert {channels[t].metadata["b_frames"] for t in videos} == {"false"}
+    for camera in ("cam1", "cam2", "cam3"):
+        items = messages[f"/{camera}/video"]
+        logs = [log for log, _, _ in items]
+        assert logs == sorted(logs)  # decode order, never back
+        assert all(log == publish for log, publish, _ in items)
+        assert WS - 1.0 <= logs[0] / 1e9 <= WS and logs[-1] / 1e9 < WS + W  # one GOP pre-roll
+        assert items[0][2].format == formats[f"/{camera}/video"]
+        assert decode_channel(items) == len(items)  # every message decodes
+        expected = source_frames(await raw_chunks(s3, stack, doc["chunks"][camera]), WS, WS + W)
+        assert len(items) == expected, camera
+    # 10 s at 15 fps; cam1 has a keyframe right at the window's start, cam2 0.5 s before.
+    assert len(messages["/cam1/video"]) == 150 and messages["/cam1/video"][0][0] == WS * 10**9
+    assert messages["/cam2/video"][0][0] == (WS - 0.5) * 10**9
+    [(_, _, cal)] = messages["/cam1/calibration"]
+    assert list(cal.K) == CALIBRATION["site-1"]["cam1"]["K"] and cal.width == 320
+    [(_, _, pose)] = messages["/tf"]
+    assert (pose.parent_frame_id, pose.child_frame_id) == ("site", "cam1")
+    assert (pose.translation.x, pose.translation.z, pose.rotation.w) == (1.0, 3.0, 1.0)
+    assert "not carried" in meta["audio"] and json.loads(meta["calibration"]) == ["cam1"]
+    assert meta["revision_id"] == doc["revision_id"]
+    assert {c["chunk_id"] for c in json.loads(meta["chunks"])["cam3"]} == {
+        n["chunk_id"] for n in doc["chunks"]["cam3"]
+    }
+
+    env = {**stack.ingest_env(), "PYTHONPATH": str(ROOT)}
+    job = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "examples/reconstruct_background.py",
+            "--bucket",
+            stack.out_bucket,
+            "--revision-id",
+            doc["revision_id"],
+            "--mcap-key",
+            doc["mcap_key"],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    result = json.loads(job.stdout.strip().splitlines()[-1])
+    assert result["cameras"] == ["cam1", "cam2", "cam3"]
+    assert result["frames"] == {c: len(messages[f"/{c}/video"]) for c in result["cameras"]}
+    assert result["alignment"]["common_s"] > 9.0  # every view spans the window
+    for key in result["outputs"]:
+        plate = np.load(io.BytesIO(await s3.get(stack.out_bucket, key)))
+        assert plate.shape == (240, 320, 3) and plate.dtype == np.uint8
+
+
+async def test_windows_a_camera_that_stopped_and_backfilled_makes_revision_2(
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    webhook: tuple[str, list[dict[str, Any]], list[int]],
+) -> None:
+    """cam2 stops 4 s into each of two windows; both close by timeout with its 6 missing
+    seconds reported. Its box comes back and backfills: each window gets revision 2
+    (supersedes r1, closed complete, the late footage in its MCAP), handed off once more
+    to every sink; revision 1 is not handed off again. Window B's Redis hash is deleted
+    before the backfill (as its day-long expiry would): its revision 2 is made from the
+    state kept in S3 and still holds revision 1's chunks."""
+    url, received, _ = webhook
+    a, b = WS, WS + W
+
+    async def cam2(begin: int, offsets: list[int], seq0: int) -> None:
+        for i, off in enumerate(offsets):
+            start = BASE_TIME + timedelta(seconds=begin - BASE_TIME.timestamp() + off)
+            await edge.send(chunks[i % 3], seq0 + i, camera_id="cam2", start_time=start)
+
+    for k in range(10):  # cam1 covers both windows
+        await edge.send(chunks[k % 3], k, camera_id="cam1", start_time=at(2 * k))
+    await cam2(a, [0, 2], 100)
+    await cam2(b, [0, 2], 200)
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S=str(W),
+        INGEST_WINDOW_TIMEOUT_S="20",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1", "cam2"]}),
+        INGEST_FILTER_RECENT_CHUNKS="0",
+        INGEST_HANDOFF_SINKS='["stream", "webhook"]',
+        INGEST_WEBHOOK_URL=url,
+        INGEST_WEBHOOK_SECRET="webhook-secret",
+    )
+    try:
+        first = [await window(edge, f"site-1-{s}-r1") for s in (a, b)]
+        for doc in first:
+            assert doc["closed_because"] == "timeout" and doc["supersedes"] is None
+            assert seconds(doc)["cam2"] == (4.0, 0.0, 0.0, 6.0)
+            assert not by_camera(doc)["cam2"]["accounted"] and doc["missing_cameras"] == []
+        assert await edge.redis.delete(f"ingest:window:site-1:{b}") == 1
+        await cam2(a, [4, 6, 8], 102)  # the backfill
+        await cam2(b, [4, 6, 8], 202)
+        second = [await window(edge, f"site-1-{s}-r2") for s in (a, b)]
+
+        async def all_hooked() -> bool:
+            return len(received) == 4
+
+        await eventually(all_hooked, 60, "four webhook calls")
+        await holds(all_hooked, 3, "no further webhook call")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    for old, new in zip(first, second, strict=True):
+        assert new["revision"] == 2 and new["supersedes"] == old["revision_id"]
+        assert new["window_id"] == old["window_id"] and new["closed_because"] == "complete"
+        assert seconds(new)["cam2"] == (10.0, 0.0, 0.0, 0.0)
+        assert {c: len(v) for c, v in new["chunks"].items()} == {"cam1": 5, "cam2": 5}
+        assert new["mcap_key"].endswith(f"{new['revision_id']}.mcap")
+        _, before, _ = read_mcap(await s3.get(stack.out_bucket, old["mcap_key"]))
+        _, after, _ = read_mcap(await s3.get(stack.out_bucket, new["mcap_key"]))
+        assert len(before["/cam2/video"]) == 60 and len(after["/cam2/video"]) == 150
+        assert len(after["/cam1/video"]) == 150
+    keys = sorted(call["headers"]["Idempotency-Key"] for call in received)
+    assert keys == sorted(f"site-1-{s}-r{r}" for s in (a, b) for r in (1, 2))
+    assert len(await closed_windows(edge)) == 4
+
+
+async def test_windows_a_consumer_killed_around_the_close_hands_each_revision_off_once(
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    webhook: tuple[str, list[dict[str, Any]], list[int]],
+    tmp_path: Path,
+) -> None:
+    """The consumer is SIGKILLed right before the close script (window A) and, in a
+    second run, right after it, before anything is acknowledged (window B). Each window
+    is still handed off, exactly once: one entry downstream, one webhook call."""
+    url, received, _ = webhook
+    windows = {"before_close": WS, "after_close": WS + W}
+    for n, (point, start) in enumerate(windows.items()):
+        for k in range(5):
+            offset = start - WS + 2 * k
+            await edge.send(chunks[k % 3], 10 * n + k, camera_id="cam1", start_time=at(offset))
+        marker = tmp_path / f"{point}.parked"
+        cloud = cloud_ingest(
+            stack,
+            stack.workdir / f"cloud-{point}.log",
+            INGEST_CONSUMERS="1",
+            INGEST_WINDOW_S=str(W),
+            INGEST_WINDOW_TIMEOUT_S="600",
+            INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1"]}),
+            INGEST_FILTER_RECENT_CHUNKS="0",
+            INGEST_HANDOFF_SINKS='["stream", "webhook"]',
+            INGEST_WEBHOOK_URL=url,
+            INGEST_WEBHOOK_SECRET="webhook-secret",
+            INGEST_TEST_HOOK=f"window.{point}@{marker}",
+        )
+        try:
+
+            async def parked(cloud: Any = cloud) -> bool:
+                return bool(cloud.events("test_hook.parked"))
+
+            await eventually(parked, 90, f"the consumer parked at {point}")
+            [event] = cloud.events("test_hook.parked")
+            with contextlib.suppress(ProcessLookupError):  # the supervisor may be first
+                os.kill(int(event["pid"]), signal.SIGKILL)
+            doc = await window(edge, f"site-1-{start}-r1", timeout=150)
+
+            async def hooked(n: int = n) -> bool:
+                return len(received) == n + 1
+
+            await eventually(hooked, 60, "the webhook call")
+            await holds(hooked, 3, "no second webhook call")
+            assert cloud.terminate() == 0
+        finally:
+            cloud.kill()
+        assert doc["closed_because"] == "complete" and marker.exists()
+    docs = await closed_windows(edge)
+    assert sorted(d["revision_id"] for d in docs) == [f"site-1-{s}-r1" for s in windows.values()]
+    keys = [call["headers"]["Idempotency-Key"] for call in received]
+    assert sorted(keys) == [f"site-1-{s}-r1" for s in windows.values()]
+
+
+async def test_windows_a_hand_off_that_keeps_failing_is_dead_lettered_with_its_reason(
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    webhook: tuple[str, list[dict[str, Any]], list[int]],
+) -> None:
+    """The labeling platform answers 500 to every call: after INGEST_MAX_DELIVERIES
+    attempts the revision moves to `chunks:windows:dlq` with reason `handoff_failed` and
+    the webhook's answer; the stream sink before it ran once; nothing stays pending."""
+    url, received, status = webhook
+    status[0] = 500
+    for k in range(5):
+        await edge.send(chunks[k % 3], k, camera_id="cam1", start_time=at(2 * k))
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S=str(W),
+        INGEST_WINDOW_TIMEOUT_S="600",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": ["cam1"]}),
+        INGEST_FILTER_RECENT_CHUNKS="0",
+        INGEST_HANDOFF_SINKS='["stream", "webhook"]',
+        INGEST_WEBHOOK_URL=url,
+        INGEST_WEBHOOK_SECRET="webhook-secret",
+        INGEST_MAX_DELIVERIES="2",
+        INGEST_HANDOFF_CLAIM_S="1",
+    )
+    try:
+
+        async def dead() -> bool:
+            return bool(await edge.redis.xlen("chunks:windows:dlq"))
+
+        await eventually(dead, 120, "the window dead-lettered")
+        assert cloud.terminate() == 0
+    finally:
+        cloud.kill()
+    [(_, letter)] = await edge.redis.xrange("chunks:windows:dlq")
+    assert letter[b"reason"] == b"handoff_failed"
+    assert b"webhook answered 500" in letter[b"detail"]
+    assert json.loads(letter[b"window"])["revision_id"] == f"site-1-{WS}-r1"
+    assert len(received) == 2  # one failed call per delivery, no more
+    assert len(await closed_windows(edge)) == 1  # the stream sink ran once
+    [group] = await edge.redis.xinfo_groups("chunks:windows")
+    assert group["pending"] == 0 and await edge.redis.xlen("chunks:windows") == 0
