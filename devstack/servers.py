@@ -296,9 +296,16 @@ class RtspServer:
         fps: int = 15,
         width: int = 320,
         height: int = 240,
+        *,
+        gops: dict[str, int] | None = None,
+        sdp_only: tuple[str, ...] = (),
     ) -> None:
+        """``gops``: frames between keyframes per live mount; ``sdp_only``: live mounts
+        whose parameter sets travel only in the SDP."""
         self.port = free_port()
         spec = [f"{m}={p or ''}" for m, p in mounts.items()]
+        spec += [f"--gop={m}={n}" for m, n in (gops or {}).items()]
+        spec += [f"--sdp-only={m}" for m in sdp_only]
         self.mounts = list(mounts)
         self.server = Server(
             "rtsp",

@@ -28,12 +28,14 @@ from mcap_protobuf.decoder import DecoderFactory
 from devstack.media import make_clip
 from devstack.servers import free_port
 from edge_agent.segmenter import ClosedChunk
+from shared.params import parameter_sets
 from tests.support import (
     BASE_TIME,
     S3,
     Edge,
     Stack,
     cloud_ingest,
+    edge_agent,
     eventually,
     holds,
     segment_file,
@@ -458,3 +460,85 @@ async def test_windows_a_hand_off_that_keeps_failing_is_dead_lettered_with_its_r
     assert len(await closed_windows(edge)) == 1  # the stream sink ran once
     [group] = await edge.redis.xinfo_groups("chunks:windows")
     assert group["pending"] == 0 and await edge.redis.xlen("chunks:windows") == 0
+
+
+async def test_windows_three_live_rtsp_cameras_close_a_complete_window_with_a_decodable_mcap(
+    stack: Stack, s3: S3, edge: Edge, tmp_path: Path
+) -> None:
+    """Three live RTSP cameras of one site on three edge boxes, started at different
+    moments, with keyframes every 15, 22 and 37 frames (so chunks of about 2, 2.9 and
+    2.5 s), the third sending its parameter sets only in the SDP. While they run a
+    window closes `complete`; its MCAP has one h264 channel per camera, every keyframe
+    carries its parameter sets in-band, every message decodes with a decoder that was
+    given nothing else, log times lie within the window plus the keyframe pre-roll,
+    and each camera's frame count equals its raw chunks' over that span."""
+    from devstack.servers import RtspServer
+
+    cams = {"cam1": 15, "cam2": 22, "cam3": 37}
+    rtsp = RtspServer(tmp_path, dict.fromkeys(cams), gops=cams, sdp_only=("cam3",))
+    rtsp.start()
+    keyring = {f"k-{c}": {"secret": "s" * 16 + c, "device_id": f"dev-{c}"} for c in cams}
+    cloud = cloud_ingest(
+        stack,
+        stack.workdir / "cloud.log",
+        INGEST_WINDOW_S=str(W),
+        INGEST_WINDOW_TIMEOUT_S="120",
+        INGEST_SITE_CAMERAS=json.dumps({"site-1": sorted(cams)}),
+        INGEST_FILTER_RECENT_CHUNKS="0",
+        INGEST_KEYRING=json.dumps(keyring),
+    )
+    agents = []
+    try:
+        for camera in cams:
+            agents.append(
+                edge_agent(
+                    stack,
+                    [{"id": camera, "url": rtsp.url(camera)}],
+                    stack.workdir / f"edge-{camera}.log",
+                    EDGE_DEVICE_ID=f"dev-{camera}",
+                    EDGE_SIGNING_KEY_ID=f"k-{camera}",
+                    EDGE_SIGNING_KEY=keyring[f"k-{camera}"]["secret"],
+                    EDGE_SPOOL_DIR=str(stack.workdir / f"spool-{camera}"),
+                    EDGE_HTTP_BIND=f"127.0.0.1:{free_port()}",
+                )
+            )
+            await asyncio.sleep(1.5)  # the boxes start at different moments
+
+        async def complete() -> bool:
+            return any(w["closed_because"] == "complete" for w in await closed_windows(edge))
+
+        await eventually(complete, 150, "a complete window")
+        doc = next(w for w in await closed_windows(edge) if w["closed_because"] == "complete")
+    finally:
+        for agent in agents:
+            agent.kill()
+        cloud.kill()
+        rtsp.stop()
+    assert doc["missing_cameras"] == [] and sorted(doc["chunks"]) == sorted(cams)
+    assert all(c["unexplained_s"] <= 0.05 and c["gap_s"] == 0 for c in doc["cameras"])
+    lengths = {
+        c: round(sum(n["end"] - n["start"] for n in notes) / len(notes), 1)
+        for c, notes in doc["chunks"].items()
+    }
+    assert len(set(lengths.values())) == 3, lengths  # three segment lengths
+    channels, messages, _ = read_mcap(await s3.get(stack.out_bucket, doc["mcap_key"]))
+    assert {t for t in channels if t.endswith("/video")} == {f"/{c}/video" for c in cams}
+    start, end = doc["start"], doc["end"]
+    for camera, gop in cams.items():
+        items = messages[f"/{camera}/video"]
+        assert {v.format for _, _, v in items} == {"h264"}
+        keyframes = [v for _, _, v in items if v.data and _is_idr(v.data)]
+        assert keyframes and all(parameter_sets(v.data[:4096], "h264") for v in keyframes)
+        logs = [log / 1e9 for log, _, _ in items]
+        assert logs == sorted(logs) and logs[-1] < end
+        assert start - gop / 15 - 0.5 <= logs[0] <= start + 0.5, (camera, logs[0] - start)
+        assert decode_channel(items) == len(items), camera
+        notes = doc["chunks"][camera]
+        assert len(items) == source_frames(await raw_chunks(s3, stack, notes), start, end)
+
+
+def _is_idr(data: bytes) -> bool:
+    """An H.264 access unit (Annex B) with an IDR slice."""
+    return any(
+        data[i + 3] & 0x1F == 5 for i in range(len(data) - 3) if data[i : i + 3] == b"\x00\x00\x01"
+    )
