@@ -30,6 +30,7 @@ from devstack.daemons import Daemon, cloud_ingest, edge_agent
 from devstack.media import make_clip
 from devstack.s3 import S3
 from devstack.servers import RedisServer, RtspServer, SeaweedS3
+from shared.keys import OPEN_WINDOWS, handoff_stream
 from shared.queue import status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +91,11 @@ def environment(
             "INGEST_VISIBILITY_TIMEOUT_S": "30",
             "INGEST_KEYRING": json.dumps({"demo-key": SECRET}),
             "INGEST_LOG_FORMAT": "json",
+            # Scene windows of 20 s over both views; the last ones close 15 s after the
+            # edge stops (their footage ends mid-window: by timeout, with its seconds).
+            "INGEST_SITE_CAMERAS": json.dumps({"demo-site": [c["id"] for c in cams]}),
+            "INGEST_WINDOW_S": "20",
+            "INGEST_WINDOW_TIMEOUT_S": "15",
         }
     )
     return env
@@ -138,6 +144,8 @@ def run(work: Path, seconds: float) -> int:
         edge_rc = edge.terminate()
         announced = len(edge.events("chunk"))
         _wait_processed(s3, redis, announced, timeout=120)
+        say("waiting for the last scene windows to close and be handed off")
+        _wait_windows(redis, timeout=90)
         say("SIGTERM cloud-ingest (finishes in-flight chunks, acks)")
         cloud_rc = cloud.terminate()
         return summary(work, edge, cloud, s3, redis, edge_rc, cloud_rc)
@@ -159,6 +167,24 @@ def _wait_processed(s3: SeaweedS3, redis: RedisServer, announced: int, timeout: 
         q = asyncio.run(queue(redis))
         if len(asyncio.run(processed(s3))) + q["dlq"] >= announced and q["pending"] == 0:
             return
+        time.sleep(1)
+
+
+async def windows_left(redis: RedisServer) -> int:
+    """Windows still open plus closed ones not yet handed off."""
+    client = aioredis.from_url(redis.url)
+    try:
+        # A handed-off window's entry is acknowledged and deleted: what is left is not.
+        left = int(await client.zcard(OPEN_WINDOWS))
+        left += int(await client.xlen(handoff_stream("chunks")))
+    finally:
+        await client.aclose()
+    return left
+
+
+def _wait_windows(redis: RedisServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and asyncio.run(windows_left(redis)):
         time.sleep(1)
 
 
@@ -223,11 +249,29 @@ def summary(
         ),
         ("exit codes edge / cloud", f"{edge_rc} / {cloud_rc}"),
     ]
+    closed = sorted(cloud.events("window.closed"), key=lambda e: (e["window_id"], e["revision"]))
+    mcaps = {e["revision_id"]: e for e in cloud.events("window.mcap")}
+    because = Counter(e["closed_because"] for e in closed)
+    lines += [
+        ("scene windows closed", len(closed)),
+        ("  complete / by timeout", f"{because['complete']} / {because['timeout']}"),
+        ("  revisions after the first", sum(1 for e in closed if e["revision"] > 1)),
+        ("  MCAPs written (bytes, write s)", len(mcaps)),
+    ]
     print("\n=== demo summary ===")
     for name, value in lines:
         print(f"{name:<38} {value}")
+    for e in closed:
+        rid = f"{e['window_id']}-r{e['revision']}"
+        m = mcaps.get(rid, {})
+        print(
+            f"  window {rid:<28} {e['closed_because']:<8} {e['mcap_key']}"
+            f"  {m.get('bytes', '?')} B  {m.get('write_s', '?')} s"
+        )
     ok = (
         captured > 0
+        and bool(closed)
+        and all(f"{e['window_id']}-r{e['revision']}" in mcaps for e in closed)
         and len(records) == captured
         and q["dlq"] == 0
         and q["pending"] == 0

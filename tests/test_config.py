@@ -106,6 +106,9 @@ def test_config_edge_check_config_probe_reports_unreachable_services() -> None:
         assert variable in result.stderr
 
 
+CAL = {"width": 320, "height": 240, "K": [300.0, 0, 160, 0, 300, 120, 0, 0, 1]}
+
+
 @pytest.mark.parametrize(
     ("override", "variable"),
     [
@@ -121,6 +124,24 @@ def test_config_edge_check_config_probe_reports_unreachable_services() -> None:
         ({"INGEST_OUTPUT_BUCKET": "Not_A_Bucket"}, "INGEST_OUTPUT_BUCKET"),
         ({"INGEST_CONSUMERS": "0"}, "INGEST_CONSUMERS"),
         ({"INGEST_MAX_DELIVERIES": "many"}, "INGEST_MAX_DELIVERIES"),
+        ({"INGEST_CAMERA_CALIBRATION": "{oops"}, "INGEST_CAMERA_CALIBRATION"),
+        ({"INGEST_CAMERA_CALIBRATION": '{"s": {"c": {"width": 2}}}'}, "INGEST_CAMERA_CALIBRATION"),
+        (
+            {"INGEST_CAMERA_CALIBRATION": json.dumps({"s": {"c": {**CAL, "K": [1.0] * 8}}})},
+            "INGEST_CAMERA_CALIBRATION",
+        ),
+        (
+            {
+                "INGEST_CAMERA_CALIBRATION": json.dumps(
+                    {"s": {"c": {**CAL, "rotation": [1, 1, 0, 0]}}}
+                )
+            },
+            "INGEST_CAMERA_CALIBRATION",
+        ),
+        (
+            {"INGEST_CAMERA_CALIBRATION_FILE": "/nonexistent/cal.json"},
+            "INGEST_CAMERA_CALIBRATION_FILE",
+        ),
     ],
 )
 def test_config_cloud_run_exits_78_naming_the_variable(

@@ -25,6 +25,7 @@ from aiohttp import web
 from mcap.reader import make_reader
 from mcap_protobuf.decoder import DecoderFactory
 
+from cloud_ingest.scene_mcap import write_mcap
 from devstack.media import make_clip
 from devstack.servers import free_port
 from edge_agent.segmenter import ClosedChunk
@@ -77,6 +78,12 @@ async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]], list[int]]
     await web.TCPSite(runner, "127.0.0.1", port).start()
     yield f"http://127.0.0.1:{port}/hook", received, status
     await runner.cleanup()
+
+
+def calibration() -> dict[str, Any]:
+    from cloud_ingest.config import Calibration
+
+    return {c: Calibration.model_validate(v) for c, v in CALIBRATION["site-1"].items()}
 
 
 def at(offset: float) -> Any:
@@ -256,6 +263,14 @@ async def test_windows_unaligned_filtered_and_gappy_views_complete_and_their_mca
     assert (pose.translation.x, pose.translation.z, pose.rotation.w) == (1.0, 3.0, 1.0)
     assert "not carried" in meta["audio"] and json.loads(meta["calibration"]) == ["cam1"]
     assert meta["revision_id"] == doc["revision_id"]
+    raws = {
+        n["key"]: data
+        for c in doc["chunks"].values()
+        for n, (_, data) in zip(c, await raw_chunks(s3, stack, c), strict=True)
+    }
+    again = io.BytesIO()  # a second consumer writing the same revision: the same bytes
+    write_mcap(again, doc, calibration(), lambda note: raws[note["key"]])
+    assert again.getvalue() == data
     assert {c["chunk_id"] for c in json.loads(meta["chunks"])["cam3"]} == {
         n["chunk_id"] for n in doc["chunks"]["cam3"]
     }
@@ -542,3 +557,56 @@ def _is_idr(data: bytes) -> bool:
     return any(
         data[i + 3] & 0x1F == 5 for i in range(len(data) - 3) if data[i : i + 3] == b"\x00\x00\x01"
     )
+
+
+def test_windows_a_view_with_b_frames_is_flagged_and_still_decodes_in_order(
+    tmp_path: Path,
+) -> None:
+    """H.264 with B-frames (High profile, two B-frames per P): the channel says
+    `b_frames: true` (Foxglove's player cannot show them; a reconstruction job can), its
+    messages are in decode order with presentation times out of order, and all decode."""
+    path = tmp_path / "bframes.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=15, options={"bframes": "2", "g": "15"})
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(45):
+            image = np.full((240, 320, 3), (i * 5) % 255, np.uint8)
+            image[(i * 4) % 200 :][:40, :40] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    [chunk] = segment_file(path, tmp_path / "chunks", 10.0)
+    note = {
+        "chunk_id": "0" * 32,
+        "key": str(chunk.path),
+        "verdict": "accepted",
+        "scores": {},
+        "start": 100.0,
+        "end": 103.0,
+        "seq": 0,
+        "codec": "h264",
+    }
+    doc = {
+        "window_id": "s-100",
+        "revision": 1,
+        "revision_id": "s-100-r1",
+        "supersedes": None,
+        "site_id": "s",
+        "start": 100,
+        "end": 110,
+        "closed_because": "timeout",
+        "cameras": [],
+        "chunks": {"cam1": [note]},
+        "gaps": {},
+    }
+    buf = io.BytesIO()
+    figures = write_mcap(buf, doc, {}, lambda n: Path(n["key"]).read_bytes())
+    channels, messages, meta = read_mcap(buf.getvalue())
+    items = messages["/cam1/video"]
+    assert channels["/cam1/video"].metadata["b_frames"] == "true"
+    assert figures["cam1"]["b_frames"] is True and json.loads(meta["b_frames"]) == {"cam1": True}
+    logs = [log for log, _, _ in items]
+    stamps = [v.timestamp.seconds * 10**9 + v.timestamp.nanos for _, _, v in items]
+    assert logs == sorted(logs) and stamps != sorted(stamps)
+    assert len(items) == 45 and decode_channel(items) == 45
