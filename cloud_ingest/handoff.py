@@ -24,15 +24,27 @@ from typing import Any, TypeVar
 import aiohttp
 import redis.asyncio as aioredis
 import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
-from cloud_ingest.scene_mcap import publish_mcap
+from cloud_ingest.scene_mcap import SceneError, publish_mcap
 from cloud_ingest.totals import Tally
 from shared.keys import ACTIVE_JOBS, JOBS, handoff_done_key, handoff_stream
 from shared.queue import Entry, GroupConsumer, ReapCursor, ensure_group, publish
 
 log = structlog.get_logger("cloud_ingest")
 T = TypeVar("T")
+# Failures of what the hand-off depends on, not of the window: retried without counting
+# towards INGEST_MAX_DELIVERIES (as a busy sink), so an outage dead-letters nothing.
+ENVIRONMENT = (
+    BotoCoreError,
+    ClientError,
+    RedisError,
+    OSError,
+    TimeoutError,
+    aiohttp.ClientConnectionError,
+)
 HANDOFF_GROUP = "handoff"
 DONE_TTL_S = 30 * 86400
 
@@ -126,39 +138,62 @@ class Handoff:
         return {j.submission_id: str(j.status.value) for j in jobs if j.submission_id in wanted}
 
     async def step(self) -> int:
-        """Hand off the windows waiting for us (ours first, then stale ones, then new)."""
+        """Hand off one window waiting for us (ours first, then a stale one, then a new
+        one): one at a time, so none waits idle behind another's MCAP until it looks
+        abandoned. A failed attempt is this revision's alone: logged, counted, retried
+        after INGEST_HANDOFF_CLAIM_S."""
         stale_ms = int(self.settings.handoff_claim_s * 1000)
-        entries = await self.queue.claim_stale(self.reap, stale_ms, 4)
-        entries = entries or await self.queue.read(4, None)
+        entries = await self.queue.claim_stale(self.reap, stale_ms, 1)
+        entries = entries or await self.queue.read(1, None)
         for entry in entries:
-            await self._hand_off(entry)
+            try:
+                await self._hand_off(entry)
+            except Exception as exc:
+                self.tally.inc("handoff_retries")
+                log.warning(
+                    "handoff.retry", entry_id=entry.id.decode(), error=repr(exc)[:300], exc_info=exc
+                )
         return len(entries)
 
     async def _hand_off(self, entry: Entry) -> None:
-        doc = json.loads(entry.fields[b"window"])
+        doc = _document(entry)
+        if doc is None:
+            await self._dead_letter(entry, "?", "malformed_window", "not a closed-window document")
+            return
         done_key = handoff_done_key(doc["revision_id"])
         done: Any = await self.client.hgetall(done_key)
         attempts = entry.deliveries - int(done.get(b"busy", 0))
         if attempts > self.settings.max_deliveries:
-            await self._dead_letter(entry, doc, done)
+            detail = done.get(b"error", b"").decode()
+            await self._dead_letter(entry, doc["revision_id"], "handoff_failed", detail)
             return
+        keep = asyncio.create_task(self._keep_claimed(entry.id))
         try:
             summary = await self._mcap(doc, done)
             full = {**doc, "mcap": summary}
             for sink in self.settings.handoff_sinks:
-                if sink.encode() in done:
+                if await self.client.hexists(done_key, sink):  # now: another may have run it
                     continue
                 result = await getattr(self, f"_sink_{sink}")(full)
                 await self.client.hset(done_key, sink, result)
                 self.tally.inc(f"handoff_{sink}")
         except SinkBusy:
-            await self.client.hincrby(done_key, "busy", 1)  # not an attempt that failed
-            await self.client.expire(done_key, DONE_TTL_S)
+            await self._not_an_attempt(done_key, None)
             return  # stays pending; tried again later
+        except SceneError as exc:  # a raw chunk gone or changed: no retry brings it back
+            await self._dead_letter(entry, doc["revision_id"], "mcap_failed", str(exc))
+            return
+        except ENVIRONMENT as exc:  # S3, Redis, a peer unreachable: theirs, not the window's
+            await self._not_an_attempt(done_key, exc)
+            raise
         except Exception as exc:
             await self.client.hset(done_key, "error", repr(exc)[:1000])
             await self.client.expire(done_key, DONE_TTL_S)
             raise
+        finally:
+            keep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep
         await self.client.expire(done_key, DONE_TTL_S)
         await self.queue.ack([entry.id])
         log.info(
@@ -168,6 +203,31 @@ class Handoff:
             mcap_bytes=summary["bytes"],
             mcap_write_s=summary["write_s"],
         )
+
+    async def _not_an_attempt(self, done_key: str, exc: BaseException | None) -> None:
+        """A busy sink or an unreachable dependency: tried again, never dead-lettered."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hincrby(done_key, "busy", 1)
+            if exc is not None:
+                pipe.hset(done_key, "error", repr(exc)[:1000])
+            pipe.expire(done_key, DONE_TTL_S)
+            await pipe.execute()
+
+    async def _keep_claimed(self, entry_id: bytes) -> None:
+        """While this revision is handed off (an MCAP can take a while), keep its entry
+        from looking idle: XCLAIM ... JUSTID resets the idle time, not the delivery count."""
+        period = self.settings.handoff_claim_s / 3
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(RedisError):
+                await self.client.xclaim(
+                    self.queue.stream,
+                    HANDOFF_GROUP,
+                    self.queue.name,
+                    0,
+                    [entry_id],
+                    justid=True,
+                )
 
     async def _mcap(self, doc: dict[str, Any], done: dict[bytes, bytes]) -> dict[str, Any]:
         """The revision's MCAP, written once (its summary kept with the done record)."""
@@ -190,15 +250,13 @@ class Handoff:
         )
         return summary
 
-    async def _dead_letter(
-        self, entry: Entry, doc: dict[str, Any], done: dict[bytes, bytes]
-    ) -> None:
-        detail = done.get(b"error", b"").decode()
-        if await self.queue.dead_letter(entry, "handoff_failed", detail):
+    async def _dead_letter(self, entry: Entry, revision: str, reason: str, detail: str) -> None:
+        if await self.queue.dead_letter(entry, reason, detail):
             self.tally.note("windows_dead_lettered")
             log.error(
                 "window.dead_lettered",
-                revision_id=doc["revision_id"],
+                revision_id=revision,
+                reason=reason,
                 deliveries=entry.deliveries,
                 error=detail[:300],
             )
@@ -306,3 +364,16 @@ class Handoff:
             if "already exists" not in str(exc):
                 raise
         return submission_id
+
+
+def _document(entry: Entry) -> dict[str, Any] | None:
+    """The closed window's document, or None for an entry that is not one (written by an
+    older release, or by hand): it is dead-lettered at once."""
+    try:
+        doc = json.loads(entry.fields[b"window"])
+    except (KeyError, ValueError):
+        return None
+    needed = ("window_id", "revision_id", "revision", "mcap_key", "chunks", "site_id")
+    if not isinstance(doc, dict) or not all(k in doc for k in needed):
+        return None
+    return doc

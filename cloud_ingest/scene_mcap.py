@@ -21,12 +21,15 @@ race write the same object.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import hashlib
 import heapq
 import io
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from typing import Any
 
 import av
 from av.bitstream import BitStreamFilterContext
+from botocore.exceptions import ClientError
 from foxglove_schemas_protobuf.CameraCalibration_pb2 import CameraCalibration
 from foxglove_schemas_protobuf.CompressedVideo_pb2 import CompressedVideo
 from foxglove_schemas_protobuf.FrameTransform_pb2 import FrameTransform
@@ -45,8 +49,9 @@ from mcap.writer import CompressionType, Writer
 from mcap_protobuf.schema import register_schema
 
 from cloud_ingest.config import Calibration, IngestSettings
-from cloud_ingest.objects import get_bounded
+from cloud_ingest.objects import SizeError, get_bounded
 from shared.params import HEAD_BYTES, parameter_sets
+from shared.s3 import is_not_found
 from shared.uploader import Uploader
 
 FORMATS = {"h264": "h264", "hevc": "h265"}  # the manifest's codec -> CompressedVideo.format
@@ -146,6 +151,7 @@ class Track:
     end_ns: int
     first: Chunk | None = None
     params: list[bytes | None] = field(default_factory=lambda: [None])
+    codec: str = ""
     messages: int = 0
     keyframes: int = 0
     b_frames: bool = False
@@ -159,6 +165,8 @@ class Track:
         return self.first
 
     def _load(self, note: dict[str, Any]) -> Chunk:
+        if note["codec"] != self.codec:  # parameter sets of one codec never go on another
+            self.codec, self.params = str(note["codec"]), [None]
         chunk = annex_b_frames(self.fetch(note), float(note["start"]), self.params)
         self.b_frames = self.b_frames or chunk.b_frames
         return chunk
@@ -335,28 +343,72 @@ def _metadata(
     }
 
 
-async def publish_mcap(
-    s3: Any, settings: IngestSettings, doc: dict[str, Any], work_dir: str | None = None
-) -> dict[str, Any]:
+class Stopped(Exception):
+    """The hand-off was cancelled (a drain): the writer thread gives up."""
+
+
+def work_dir() -> Path:
+    """Where MCAPs are written before their upload; files left by a killed consumer (an
+    hour old: no write takes that long) are removed when the next one starts."""
+    path = Path(tempfile.gettempdir()) / "cloud-ingest-mcap"
+    path.mkdir(mode=0o700, exist_ok=True)
+    cutoff = time.time() - 3600
+    for old in path.glob("window-*.mcap"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+    return path
+
+
+async def publish_mcap(s3: Any, settings: IngestSettings, doc: dict[str, Any]) -> dict[str, Any]:
     """Write the window revision's MCAP and upload it to ``doc["mcap_key"]``; a summary."""
     loop = asyncio.get_running_loop()
     calibration = settings.calibration_for(doc["site_id"])
+    stop = threading.Event()
 
     def fetch(note: dict[str, Any]) -> bytes:
+        """In the writer thread: one raw chunk, read by the loop's S3 client."""
+        if stop.is_set():
+            raise Stopped
         coro = get_bounded(
             s3, settings.raw_bucket, note["key"], int(note["size_bytes"]), exact=True
         )
-        data = asyncio.run_coroutine_threadsafe(coro, loop).result(FETCH_TIMEOUT_S)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop is closed: nobody waits for this MCAP
+            coro.close()
+            raise Stopped from None
+        try:
+            data = future.result(FETCH_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"raw chunk {note['key']} took over {FETCH_TIMEOUT_S:g}s") from None
+        except ClientError as exc:
+            if is_not_found(exc):
+                raise SceneError(f"raw chunk {note['key']} is gone") from None
+            raise
+        except SizeError as exc:
+            raise SceneError(f"raw chunk {note['key']} changed size: {exc}") from None
         if hashlib.sha256(data).hexdigest() != note["sha256"]:
             raise SceneError(f"raw chunk {note['key']} no longer hashes to its manifest")
         return data
 
     t0 = time.monotonic()
-    fd, name = tempfile.mkstemp(prefix="window-", suffix=".mcap", dir=work_dir)
+    directory = await asyncio.to_thread(work_dir)
+    fd, name = tempfile.mkstemp(prefix="window-", suffix=".mcap", dir=directory)
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
-            channels = await asyncio.to_thread(write_mcap, out, doc, calibration, fetch)
+            writing = asyncio.ensure_future(
+                asyncio.to_thread(write_mcap, out, doc, calibration, fetch)
+            )
+            try:
+                channels = await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                stop.set()  # the thread stops at its next chunk; wait for it (bounded)
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(writing, FETCH_TIMEOUT_S)
+                raise
         digest, size = await asyncio.to_thread(_hash_file, path)
         written = time.monotonic() - t0
         await Uploader(s3).put_file(

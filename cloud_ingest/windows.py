@@ -56,7 +56,8 @@ CLOSED_TTL_S = 86400  # a closed one's: later revisions merge with the state in 
 # anything larger would close a window before its last fraction of a second arrived.
 TOLERANCE_S = 0.05
 MAX_WINDOWS_PER_CHUNK = 64  # a chunk longer than this many windows is noted in the first
-MAX_STATE_BYTES = 16 * 1024**2
+MAX_STATE_BYTES = 64 * 1024**2
+RETRY_CLOSE_S = 30.0  # a window whose close failed is tried again this much later
 NOTE_PREFIX = "c:"
 
 # KEYS: the window's hash, the open index. ARGV: field, note, site, start, deadline, ttl,
@@ -72,18 +73,20 @@ redis.call('ZADD', KEYS[2], 'NX', ARGV[5], KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 return 1
 """
-# KEYS: the open index, the windows stream, the window's hash. ARGV: the generation the
-# document was built from, its revision, the document ('': nothing new, close without
-# publishing), the closed hash's ttl, then the last revision's notes (from S3) to seed
-# a fresh hash with. 0: closed by someone else; -1: changed meanwhile, build it again.
+# KEYS: the open index, the windows stream, the window's hash. ARGV: the generation and
+# the hash's token (``born``) the document was built from, its revision, the document
+# ('': nothing new, close without publishing), the closed hash's ttl, then the last
+# revision's notes (from S3) to seed a fresh hash with. 0: closed by someone else; -1:
+# changed meanwhile (a note, or a new hash after this one expired), build it again.
 CLOSE_SCRIPT = """
 if not redis.call('ZSCORE', KEYS[1], KEYS[3]) then return 0 end
-if redis.call('HGET', KEYS[3], 'gen') ~= ARGV[1] then return -1 end
-for i = 5, #ARGV, 2 do redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) end
+if (redis.call('HGET', KEYS[3], 'gen') or '0') ~= ARGV[1] then return -1 end
+if (redis.call('HGET', KEYS[3], 'born') or '') ~= ARGV[2] then return -1 end
+for i = 6, #ARGV, 2 do redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREM', KEYS[1], KEYS[3])
-redis.call('HSET', KEYS[3], 'rev', ARGV[2])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-if ARGV[3] ~= '' then redis.call('XADD', KEYS[2], '*', 'window', ARGV[3]) end
+redis.call('HSET', KEYS[3], 'rev', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+if ARGV[4] ~= '' then redis.call('XADD', KEYS[2], '*', 'window', ARGV[4]) end
 return 1
 """
 
@@ -255,13 +258,19 @@ class Windows:
         self.tally = tally or Tally()
 
     def starts(self, begin: float, end: float) -> list[int]:
-        """The windows [begin, end) overlaps (at least the one it begins in)."""
+        """The windows [begin, end) overlaps by more than the tolerance (a chunk that
+        ends 10 ms into the next window would only reopen it), else the one it begins
+        in; the last MAX_WINDOWS_PER_CHUNK of them."""
         size = self.settings.window_s
         first = int(math.floor(begin / size) * size)
-        out = [first]
-        while out[-1] + size < end and len(out) < MAX_WINDOWS_PER_CHUNK:
-            out.append(out[-1] + size)
-        return out
+        last = int(math.floor(end / size) * size)
+        first = max(first, last - (MAX_WINDOWS_PER_CHUNK - 1) * size)
+        out = [
+            ws
+            for ws in range(first, last + size, size)
+            if min(end, ws + size) - max(begin, ws) > TOLERANCE_S
+        ]
+        return out or [int(math.floor(begin / size) * size)]
 
     async def note(
         self, m: Manifest, verdict: str, shard: str | None, scores: dict[str, Any]
@@ -302,11 +311,16 @@ class Windows:
             pipe.zremrangebyscore(key, "-inf", time.time() - keep)
             pipe.expire(key, int(keep))
             await pipe.execute()
-        starts = self.starts(begin, end)[-MAX_WINDOWS_PER_CHUNK:]
+        starts = self.starts(begin, end)
         open_now: Any = await self.redis.zmscore(
             OPEN_WINDOWS, [window_key(m.site_id, s) for s in starts]
         )
-        return [s for s, score in zip(starts, open_now, strict=True) if score is not None]
+        touched = [s for s, score in zip(starts, open_now, strict=True) if score is not None]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for s in touched:  # a close that read the window before the gap builds it again
+                pipe.hincrby(window_key(m.site_id, s), "gen", 1)
+            await pipe.execute()
+        return touched
 
     async def gaps(self, site: str, start: float, end: float) -> dict[str, list[Interval]]:
         """The gaps the site's edges declared that overlap [start, end), per camera."""
@@ -323,8 +337,14 @@ class Windows:
             OPEN_WINDOWS, "-inf", time.time(), start=0, num=20
         )
         closed = 0
-        for key in due:
-            closed += int(await self.settle(key.decode(), due=True))
+        for raw in due:
+            key = raw.decode()
+            try:
+                closed += int(await self.settle(key, due=True))
+            except Exception as exc:  # this window's (its state in S3, say): not the others'
+                self.tally.inc("window_close_failures")
+                log.warning("window.close_failed", window=key, error=repr(exc)[:300])
+                await self.redis.zadd(OPEN_WINDOWS, {key: time.time() + RETRY_CLOSE_S}, xx=True)
         return closed
 
     async def settle(self, key: str, *, due: bool) -> bool:
@@ -349,6 +369,8 @@ class Windows:
             k.decode(): v.decode() for k, v in fields.items() if k.startswith(NOTE_PREFIX.encode())
         }
         revision = int(fields.get(b"rev", 0))
+        if revision and not due:
+            return False  # reopened by late footage: one revision per timeout, not per chunk
         gaps = await self.gaps(site, start, start + self.settings.window_s)
         doc = self._doc(site, start, revision + 1, notes, gaps)
         if not due and doc["closed_because"] != "complete":
@@ -357,12 +379,16 @@ class Windows:
         new = True
         born = fields.get(b"born", b"").decode()
         prior = await self._prior(site, start) if revision == 0 else None
-        if prior is not None and prior.born == born:
-            prior = None  # saved from this very hash by a close that did not happen
-        if prior is not None:  # a fresh hash after an earlier one closed and expired
-            new = any(prior.notes.get(k) != v for k, v in notes.items())
+        if prior is not None:  # an earlier hash closed, or this one tried to
+            if prior.born == born:  # saved ahead of a close of this hash that did not happen
+                new, revision = True, prior.revision - 1
+            else:  # a fresh hash after an earlier one closed and expired
+                if not due:
+                    return False  # late footage: one revision per timeout, as above
+                new = any(prior.notes.get(k) != v for k, v in notes.items())
+                revision = prior.revision
             seed = {k: v for k, v in prior.notes.items() if k not in notes}
-            notes, revision = {**prior.notes, **notes}, prior.revision
+            notes = {**prior.notes, **notes}
             doc = self._doc(site, start, revision + 1, notes, gaps)
         if new:
             revision += 1
@@ -375,6 +401,7 @@ class Windows:
             handoff_stream(self.settings.stream),
             key,
             fields.get(b"gen", b"0"),
+            born,
             str(revision),
             json.dumps(doc, allow_nan=False) if new else "",
             str(CLOSED_TTL_S),
@@ -384,6 +411,8 @@ class Windows:
             return None
         if int(closed) == 1 and new:
             test_hook(self.settings.test_hook, "window.after_close")
+            # Again: a closer that lost the race may have saved its (older) state last.
+            await self._save_state(site, start, revision, notes, born)
             self._count(doc)
             return True
         return False

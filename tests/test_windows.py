@@ -39,6 +39,7 @@ from tests.support import (
     edge_agent,
     eventually,
     holds,
+    ingest_settings,
     segment_file,
 )
 
@@ -610,3 +611,125 @@ def test_windows_a_view_with_b_frames_is_flagged_and_still_decodes_in_order(
     stamps = [v.timestamp.seconds * 10**9 + v.timestamp.nanos for _, _, v in items]
     assert logs == sorted(logs) and stamps != sorted(stamps)
     assert len(items) == 45 and decode_channel(items) == 45
+
+
+# -- the window logic in this process, on the real Redis and S3 ---------------------------
+
+
+def windows_here(stack: Stack, s3: S3, edge: Edge, **overrides: Any) -> Any:
+    from cloud_ingest.windows import Windows
+
+    settings = ingest_settings(
+        stack,
+        window_s=W,
+        window_timeout_s=0,
+        site_cameras={"site-1": ["cam1", "cam2"]},
+        **overrides,
+    )
+    return Windows(settings, edge.redis, s3.client)
+
+
+async def published(edge: Edge) -> list[dict[str, Any]]:
+    """Closed revisions waiting for their hand-off (no consumer runs here)."""
+    return [json.loads(f[b"window"]) for _, f in await edge.redis.xrange("chunks:windows")]
+
+
+async def note_chunks(
+    windows: Any,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    camera: str,
+    offsets: list[float],
+    seq0: int,
+) -> None:
+    for i, offset in enumerate(offsets):
+        m = await edge.send(
+            chunks[i % 3], seq0 + i, camera_id=camera, start_time=at(offset), announce=False
+        )
+        await windows.note(m, "accepted", None, {})
+
+
+async def test_windows_a_state_saved_ahead_of_a_failed_close_of_a_merged_hash_is_not_revision_1(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """Revision 1 closes; its Redis hash expires; late footage starts a fresh hash, whose
+    close saves state (revision 2) and then does not happen (killed, or outrun by a
+    note). The next close publishes revision 2, superseding 1, with every chunk: not a
+    second revision 1 that the hand-off would take as done."""
+    windows = windows_here(stack, s3, edge)
+    key = f"ingest:window:site-1:{WS}"
+    await note_chunks(windows, edge, chunks, "cam1", [0, 2, 4, 6, 8], 0)
+    assert await windows.settle(key, due=True)
+    await edge.redis.delete(key)  # its day-long expiry
+    await note_chunks(windows, edge, chunks, "cam2", [0], 100)
+    fields = await edge.redis.hgetall(key)
+    notes = {k.decode(): v.decode() for k, v in fields.items() if k.startswith(b"c:")}
+    prior = await windows._prior("site-1", WS)
+    await windows._save_state("site-1", WS, 2, {**prior.notes, **notes}, fields[b"born"].decode())
+    assert await windows.settle(key, due=True)
+    first, second = await published(edge)
+    assert (first["revision_id"], second["revision_id"]) == (f"site-1-{WS}-r1", f"site-1-{WS}-r2")
+    assert second["supersedes"] == first["revision_id"]
+    assert {c: len(v) for c, v in second["chunks"].items()} == {"cam1": 5, "cam2": 1}
+
+
+async def test_windows_a_window_that_cannot_close_does_not_hold_up_the_others(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """Window A's state in S3 is unreadable (garbage), window B's is fine; both are due,
+    A first. B closes; A's failure is counted and logged, and A is tried again later
+    instead of being retried at once for ever."""
+    import time
+
+    windows = windows_here(stack, s3, edge)
+    await note_chunks(windows, edge, chunks, "cam1", [0], 0)  # window A: [WS, WS+10)
+    await note_chunks(windows, edge, chunks, "cam1", [W], 10)  # window B
+    state = f"processed/windows/site-1/{WS}/state.json"
+    await s3.put(stack.out_bucket, state, b"{not json")
+    assert await windows.close_due() == 1
+    [doc] = await published(edge)
+    assert doc["window_id"] == f"site-1-{WS + W}"
+    retry_at = await edge.redis.zscore("ingest:windows:open", f"ingest:window:site-1:{WS}")
+    assert retry_at is not None and retry_at > time.time() + 20
+    assert windows.tally.run["window_close_failures"] == 1
+
+
+async def test_windows_a_chunk_that_ends_a_few_milliseconds_into_the_next_window_skips_it(
+    stack: Stack, s3: S3, edge: Edge
+) -> None:
+    """Chunk boundaries jitter: a chunk ending 10 ms into the next window is not noted
+    there (it would reopen a complete window for 10 ms of footage), one that starts 10
+    ms before its window's end still belongs to the window it starts in, and a long one
+    is noted in every window it covers."""
+    windows = windows_here(stack, s3, edge)
+    assert windows.starts(WS + 8, WS + 10.01) == [WS]
+    assert windows.starts(WS + 9.99, WS + 12) == [WS + W]
+    assert windows.starts(WS + 9.999, WS + 10.001) == [WS]
+    assert windows.starts(WS - 1, WS + 21) == [WS - W, WS, WS + W, WS + 2 * W]
+
+
+async def test_windows_a_revision_whose_raw_chunk_is_gone_is_dead_lettered_at_once(
+    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+) -> None:
+    """Two closed windows; the raw chunk of the first was deleted (retention, by hand).
+    Its MCAP can never be written: it is dead-lettered `mcap_failed` on its first
+    attempt, naming the chunk, and the second window is handed off meanwhile."""
+    from cloud_ingest.handoff import Handoff
+    from cloud_ingest.totals import Tally
+
+    windows = windows_here(stack, s3, edge, handoff_sinks=["stream"])
+    await note_chunks(windows, edge, chunks, "cam1", [0], 0)
+    await note_chunks(windows, edge, chunks, "cam1", [W], 10)
+    assert await windows.close_due() == 2
+    a, _ = await published(edge)
+    gone = a["chunks"]["cam1"][0]["key"]
+    await s3.client.delete_object(Bucket=stack.raw_bucket, Key=gone)
+    handoff = Handoff(windows.settings, edge.redis, s3.client, "handoff-test", Tally())
+    await handoff.setup()
+    assert await handoff.step() == 1 and await handoff.step() == 1
+    [(_, letter)] = await edge.redis.xrange("chunks:windows:dlq")
+    assert letter[b"reason"] == b"mcap_failed" and gone.encode() in letter[b"detail"]
+    assert letter[b"deliveries"] == b"1"
+    [doc] = await closed_windows(edge)
+    assert doc["window_id"] == f"site-1-{WS + W}"
+    await handoff.close()
