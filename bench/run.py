@@ -26,7 +26,7 @@ from typing import Any
 from bench.common import RESULTS, Figure, stack
 from bench.report import plot, table
 
-BENCHES = ["edge_capture", "upload", "queue", "processing", "latency"]
+BENCHES = ["edge_capture", "upload", "queue", "processing", "latency", "window_mcap"]
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from cloud_ingest import admin
 from cloud_ingest.config import IngestSettings
 from shared import logs
+from shared.keys import OPEN_WINDOWS, dlq_stream, handoff_stream
 from shared.manifest import Keyring
 from shared.queue import connect, status
 from shared.s3 import open_s3
@@ -57,6 +58,12 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
                 "out_per_s": round((later.read - st.read) / interval, 2),
             }
             st = later
+        handoff = handoff_stream(settings.stream)
+        windows = {
+            "open": int(await client.zcard(OPEN_WINDOWS)),
+            "to_hand_off": int(await client.xlen(handoff)),
+            "dead_lettered": int(await client.xlen(dlq_stream(handoff))),
+        }
     finally:
         await client.aclose()
     doc = {
@@ -68,6 +75,7 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
         "dlq": st.dlq,
         "consumers": st.consumers,
         "rates": rates,
+        "windows": windows,
     }
     if as_json:
         print(json.dumps(doc, allow_nan=False))
@@ -76,6 +84,10 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
     print(f"  length {st.length}  pending {st.pending}  lag {st.lag}  dlq {st.dlq}")
     if rates:
         print(f"  in {rates['in_per_s']}/s  out {rates['out_per_s']}/s")
+    print(
+        f"  windows: open {windows['open']}  to hand off {windows['to_hand_off']}"
+        f"  dead-lettered {windows['dead_lettered']}"
+    )
     for c in st.consumers:
         print(f"  consumer {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
     return 0

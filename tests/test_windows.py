@@ -40,6 +40,7 @@ from tests.support import (
     eventually,
     holds,
     ingest_settings,
+    report_figures,
     segment_file,
 )
 
@@ -372,6 +373,14 @@ async def test_windows_a_camera_that_stopped_and_backfilled_makes_revision_2(
         assert len(after["/cam1/video"]) == 150
     keys = sorted(call["headers"]["Idempotency-Key"] for call in received)
     assert keys == sorted(f"site-1-{s}-r{r}" for s in (a, b) for r in (1, 2))
+    report_figures(
+        "backfill_revisions",
+        {
+            w["revision_id"]: f"{w['closed_because']} {w['mcap']['bytes']} B "
+            f"{w['mcap']['write_s']} s"
+            for w in first + second
+        },
+    )
     assert len(await closed_windows(edge)) == 4
 
 
@@ -476,6 +485,16 @@ async def test_windows_a_hand_off_that_keeps_failing_is_dead_lettered_with_its_r
     assert len(await closed_windows(edge)) == 1  # the stream sink ran once
     [group] = await edge.redis.xinfo_groups("chunks:windows")
     assert group["pending"] == 0 and await edge.redis.xlen("chunks:windows") == 0
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [str(ROOT / ".venv/bin/cloud-ingest"), "status", "--json"],
+        env=stack.ingest_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(shown.stdout)["windows"] == {"open": 0, "to_hand_off": 0, "dead_lettered": 1}
 
 
 async def test_windows_three_live_rtsp_cameras_close_a_complete_window_with_a_decodable_mcap(
@@ -537,6 +556,18 @@ async def test_windows_three_live_rtsp_cameras_close_a_complete_window_with_a_de
         for c, notes in doc["chunks"].items()
     }
     assert len(set(lengths.values())) == 3, lengths  # three segment lengths
+    windows_seen = await closed_windows(edge)
+    report_figures(
+        "live_three_camera_window",
+        {
+            "windows_complete": sum(w["closed_because"] == "complete" for w in windows_seen),
+            "windows_timeout": sum(w["closed_because"] == "timeout" for w in windows_seen),
+            "chunk_s": lengths,
+            "mcap_bytes": doc["mcap"]["bytes"],
+            "mcap_write_s": doc["mcap"]["write_s"],
+            "messages": {c: v["messages"] for c, v in doc["mcap"]["channels"].items()},
+        },
+    )
     channels, messages, _ = read_mcap(await s3.get(stack.out_bucket, doc["mcap_key"]))
     assert {t for t in channels if t.endswith("/video")} == {f"/{c}/video" for c in cams}
     start, end = doc["start"], doc["end"]
