@@ -37,7 +37,7 @@ typecheck: venv
 	$(BIN)/mypy edge_agent cloud_ingest shared devstack
 
 pytest: venv
-	$(BIN)/pytest -p no:cacheprovider
+	$(BIN)/pytest -p no:cacheprovider --durations=40
 
 clean:
 	rm -rf $(VENV) .stack .mypy_cache .ruff_cache
