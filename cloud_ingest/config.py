@@ -151,6 +151,10 @@ class IngestSettings(BaseSettings):
     # it: its consumer died, its last attempt failed, or a sink was busy. Keep it above the
     # time an MCAP takes to write (else two consumers write the same, identical object).
     handoff_claim_s: float = Field(default=60.0, gt=0)
+    # A revision whose hand-off has kept failing this long, whatever the cause (outages
+    # and busy sinks included, which INGEST_MAX_DELIVERIES does not count), is
+    # dead-lettered `handoff_stalled`.
+    handoff_give_up_s: float = Field(default=86400.0, gt=0)
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
     job_address: str = "http://127.0.0.1:8265"  # Ray dashboard (Job Submission API)

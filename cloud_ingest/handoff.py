@@ -6,8 +6,9 @@ delivery. For each revision the hand-off first writes its MCAP (``scene_mcap``),
 runs every configured sink. Each step is idempotent and remembered per revision id once
 done: a Ray job with a deterministic ``submission_id``, a signed webhook with an
 ``Idempotency-Key``, a downstream stream entry. A revision whose hand-off keeps failing
-is dead-lettered to ``{stream}:windows:dlq`` after ``INGEST_MAX_DELIVERIES`` attempts
-(a sink that is only busy does not count), with the last error as its reason.
+is dead-lettered to ``{stream}:windows:dlq``: after ``INGEST_MAX_DELIVERIES`` failed
+attempts (a busy sink, an outage, a drain do not count), at once when its MCAP can never
+be written (a raw chunk gone), or once it has kept failing for ``INGEST_HANDOFF_GIVE_UP_S``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,9 +37,26 @@ from shared.queue import Entry, GroupConsumer, ReapCursor, ensure_group, publish
 
 log = structlog.get_logger("cloud_ingest")
 T = TypeVar("T")
+DONE_TTL_S = 30 * 86400
+
+
+class LeaseLost(Exception):
+    """Another consumer took the revision over (ours looked idle): it hands it off."""
+
+
+class PeerUnavailable(Exception):
+    """A sink's service is overloaded or down (HTTP 429, 5xx): retried, not counted."""
+
+
+class SinkBusy(Exception):
+    """A sink cannot take the window now (e.g. the concurrent-job limit); retry later."""
+
+
 # Failures of what the hand-off depends on, not of the window: retried without counting
-# towards INGEST_MAX_DELIVERIES (as a busy sink), so an outage dead-letters nothing.
+# towards INGEST_MAX_DELIVERIES (as a busy sink), so a short outage dead-letters nothing;
+# one that lasts INGEST_HANDOFF_GIVE_UP_S does (`handoff_stalled`).
 ENVIRONMENT = (
+    PeerUnavailable,
     BotoCoreError,
     ClientError,
     RedisError,
@@ -46,11 +65,6 @@ ENVIRONMENT = (
     aiohttp.ClientConnectionError,
 )
 HANDOFF_GROUP = "handoff"
-DONE_TTL_S = 30 * 86400
-
-
-class SinkBusy(Exception):
-    """A sink cannot take the window now (e.g. the concurrent-job limit); retry later."""
 
 
 class TimeLimitedThread:
@@ -108,6 +122,7 @@ class Handoff:
         self.http: aiohttp.ClientSession | None = None
         self.tally = tally
         self.reap = ReapCursor()
+        self._stale_first = False
         self.jobs = TimeLimitedThread(settings.job_api_timeout_s)
 
     async def setup(self) -> None:
@@ -138,13 +153,19 @@ class Handoff:
         return {j.submission_id: str(j.status.value) for j in jobs if j.submission_id in wanted}
 
     async def step(self) -> int:
-        """Hand off one window waiting for us (ours first, then a stale one, then a new
-        one): one at a time, so none waits idle behind another's MCAP until it looks
-        abandoned. A failed attempt is this revision's alone: logged, counted, retried
-        after INGEST_HANDOFF_CLAIM_S."""
+        """Hand off one window waiting for us: ours first, then, turn about, a stale one
+        or a new one (so stale ones that keep failing cannot starve new windows). One
+        at a time, so none waits idle behind another's MCAP until it looks abandoned. A
+        failed attempt is this revision's alone: logged, counted, retried after
+        INGEST_HANDOFF_CLAIM_S."""
         stale_ms = int(self.settings.handoff_claim_s * 1000)
-        entries = await self.queue.claim_stale(self.reap, stale_ms, 1)
-        entries = entries or await self.queue.read(1, None)
+        self._stale_first = not self._stale_first
+        if self._stale_first:
+            entries = await self.queue.claim_stale(self.reap, stale_ms, 1)
+            entries = entries or await self.queue.read(1, None)
+        else:
+            entries = await self.queue.read(1, None)
+            entries = entries or await self.queue.claim_stale(self.reap, stale_ms, 1)
         for entry in entries:
             try:
                 await self._hand_off(entry)
@@ -156,27 +177,24 @@ class Handoff:
         return len(entries)
 
     async def _hand_off(self, entry: Entry) -> None:
+        if not entry.fields:  # deleted from the stream meanwhile: nothing to hand off
+            await self.queue.ack([entry.id])
+            return
         doc = _document(entry)
         if doc is None:
             await self._dead_letter(entry, "?", "malformed_window", "not a closed-window document")
             return
         done_key = handoff_done_key(doc["revision_id"])
         done: Any = await self.client.hgetall(done_key)
-        attempts = entry.deliveries - int(done.get(b"busy", 0))
-        if attempts > self.settings.max_deliveries:
-            detail = done.get(b"error", b"").decode()
-            await self._dead_letter(entry, doc["revision_id"], "handoff_failed", detail)
+        if await self._given_up(entry, doc, done):
             return
-        keep = asyncio.create_task(self._keep_claimed(entry.id))
+        lost = asyncio.Event()
+        keep = asyncio.create_task(self._keep_claimed(entry.id, lost))
         try:
-            summary = await self._mcap(doc, done)
-            full = {**doc, "mcap": summary}
-            for sink in self.settings.handoff_sinks:
-                if await self.client.hexists(done_key, sink):  # now: another may have run it
-                    continue
-                result = await getattr(self, f"_sink_{sink}")(full)
-                await self.client.hset(done_key, sink, result)
-                self.tally.inc(f"handoff_{sink}")
+            summary = await self._steps(doc, done, lost)
+        except LeaseLost:  # its new owner hands it off; we neither ack nor count
+            log.warning("handoff.taken_over", revision_id=doc["revision_id"])
+            return
         except SinkBusy:
             await self._not_an_attempt(done_key, None)
             return  # stays pending; tried again later
@@ -186,14 +204,16 @@ class Handoff:
         except ENVIRONMENT as exc:  # S3, Redis, a peer unreachable: theirs, not the window's
             await self._not_an_attempt(done_key, exc)
             raise
+        except asyncio.CancelledError:  # a drain: not this revision's failure either
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._not_an_attempt(done_key, None)), 2)
+            raise
         except Exception as exc:
-            await self.client.hset(done_key, "error", repr(exc)[:1000])
-            await self.client.expire(done_key, DONE_TTL_S)
+            await self._failed(done_key, exc)
             raise
         finally:
             keep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keep
+            await asyncio.wait([keep])
         await self.client.expire(done_key, DONE_TTL_S)
         await self.queue.ack([entry.id])
         log.info(
@@ -204,30 +224,72 @@ class Handoff:
             mcap_write_s=summary["write_s"],
         )
 
-    async def _not_an_attempt(self, done_key: str, exc: BaseException | None) -> None:
-        """A busy sink or an unreachable dependency: tried again, never dead-lettered."""
+    async def _steps(
+        self, doc: dict[str, Any], done: dict[bytes, bytes], lost: asyncio.Event
+    ) -> dict[str, Any]:
+        """The MCAP, then each sink not done yet; LeaseLost once another consumer has it."""
+        done_key = handoff_done_key(doc["revision_id"])
+        summary = await self._mcap(doc, done)
+        full = {**doc, "mcap": summary}
+        for sink in self.settings.handoff_sinks:
+            if lost.is_set():
+                raise LeaseLost
+            if await self.client.hexists(done_key, sink):  # now: another may have run it
+                continue
+            result = await getattr(self, f"_sink_{sink}")(full)
+            await self.client.hset(done_key, sink, result)
+            self.tally.inc(f"handoff_{sink}")
+        if lost.is_set():
+            raise LeaseLost
+        return summary
+
+    async def _given_up(self, entry: Entry, doc: dict[str, Any], done: dict[bytes, bytes]) -> bool:
+        """Dead-letter a revision that failed INGEST_MAX_DELIVERIES attempts (busy sinks
+        and outages do not count), or that has kept failing, whatever the cause, for
+        INGEST_HANDOFF_GIVE_UP_S."""
+        attempts = entry.deliveries - int(done.get(b"busy", 0))
+        since = float(done.get(b"first_failed_at", time.time()))
+        detail = done.get(b"error", b"").decode()
+        if attempts > self.settings.max_deliveries:
+            await self._dead_letter(entry, doc["revision_id"], "handoff_failed", detail)
+        elif time.time() - since > self.settings.handoff_give_up_s:
+            await self._dead_letter(entry, doc["revision_id"], "handoff_stalled", detail)
+        else:
+            return False
+        return True
+
+    async def _failed(
+        self, done_key: str, exc: BaseException | None, *, counted: bool = True
+    ) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hincrby(done_key, "busy", 1)
+            if not counted:
+                pipe.hincrby(done_key, "busy", 1)
             if exc is not None:
                 pipe.hset(done_key, "error", repr(exc)[:1000])
+                pipe.hsetnx(done_key, "first_failed_at", repr(time.time()))
             pipe.expire(done_key, DONE_TTL_S)
             await pipe.execute()
 
-    async def _keep_claimed(self, entry_id: bytes) -> None:
+    async def _not_an_attempt(self, done_key: str, exc: BaseException | None) -> None:
+        """A busy sink, an unreachable dependency, a drain: tried again, and only
+        dead-lettered once it has kept failing for INGEST_HANDOFF_GIVE_UP_S."""
+        await self._failed(done_key, exc, counted=False)
+
+    async def _keep_claimed(self, entry_id: bytes, lost: asyncio.Event) -> None:
         """While this revision is handed off (an MCAP can take a while), keep its entry
-        from looking idle: XCLAIM ... JUSTID resets the idle time, not the delivery count."""
+        from looking idle (the owner-checked lease renewal of the chunk queue); set
+        ``lost`` once another consumer has it."""
         period = self.settings.handoff_claim_s / 3
         while True:
             await asyncio.sleep(period)
-            with contextlib.suppress(RedisError):
-                await self.client.xclaim(
-                    self.queue.stream,
-                    HANDOFF_GROUP,
-                    self.queue.name,
-                    0,
-                    [entry_id],
-                    justid=True,
-                )
+            try:
+                gone = await self.queue.renew([entry_id])
+            except Exception as exc:  # a missed renewal; the next may pass
+                log.warning("handoff.renew_failed", error=repr(exc)[:200])
+                continue
+            if gone:
+                lost.set()
+                return
 
     async def _mcap(self, doc: dict[str, Any], done: dict[bytes, bytes]) -> dict[str, Any]:
         """The revision's MCAP, written once (its summary kept with the done record)."""
@@ -291,6 +353,8 @@ class Handoff:
                 "X-Signature": f"sha256={mac}",
             },
         ) as resp:
+            if resp.status == 429 or resp.status >= 500:  # overloaded or down: not the window's
+                raise PeerUnavailable(f"webhook answered {resp.status}")
             if resp.status >= 300:
                 raise RuntimeError(f"webhook answered {resp.status}")
             return str(resp.status)

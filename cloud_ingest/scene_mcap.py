@@ -51,7 +51,7 @@ from mcap_protobuf.schema import register_schema
 from cloud_ingest.config import Calibration, IngestSettings
 from cloud_ingest.objects import SizeError, get_bounded
 from shared.params import HEAD_BYTES, parameter_sets
-from shared.s3 import is_not_found
+from shared.s3 import error_code, is_not_found
 from shared.uploader import Uploader
 
 FORMATS = {"h264": "h264", "hevc": "h265"}  # the manifest's codec -> CompressedVideo.format
@@ -59,6 +59,7 @@ ANNEX_B = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}
 LIBRARY = "cctv-ingest scene-mcap 1"  # in the header: a constant, so the bytes are too
 SITE_FRAME = "site"
 FETCH_TIMEOUT_S = 300.0
+STOP_WAIT_S = 5.0  # a cancelled write waits this long for its thread (one chunk's demux)
 NO_AUDIO = (
     "not carried: audio is never demuxed, and recording it is unlawful for CCTV in many places"
 )
@@ -167,7 +168,11 @@ class Track:
     def _load(self, note: dict[str, Any]) -> Chunk:
         if note["codec"] != self.codec:  # parameter sets of one codec never go on another
             self.codec, self.params = str(note["codec"]), [None]
-        chunk = annex_b_frames(self.fetch(note), float(note["start"]), self.params)
+        data = self.fetch(note)
+        try:
+            chunk = annex_b_frames(data, float(note["start"]), self.params)
+        except (av.FFmpegError, IndexError) as exc:  # it processed fine once: it changed
+            raise SceneError(f"raw chunk {note['key']} does not demux: {exc}") from None
         self.b_frames = self.b_frames or chunk.b_frames
         return chunk
 
@@ -384,8 +389,8 @@ async def publish_mcap(s3: Any, settings: IngestSettings, doc: dict[str, Any]) -
             future.cancel()
             raise TimeoutError(f"raw chunk {note['key']} took over {FETCH_TIMEOUT_S:g}s") from None
         except ClientError as exc:
-            if is_not_found(exc):
-                raise SceneError(f"raw chunk {note['key']} is gone") from None
+            if is_not_found(exc) or error_code(exc) == "InvalidObjectState":  # gone, archived
+                raise SceneError(f"raw chunk {note['key']}: {error_code(exc)}") from None
             raise
         except SizeError as exc:
             raise SceneError(f"raw chunk {note['key']} changed size: {exc}") from None
@@ -405,9 +410,9 @@ async def publish_mcap(s3: Any, settings: IngestSettings, doc: dict[str, Any]) -
             try:
                 channels = await asyncio.shield(writing)
             except asyncio.CancelledError:
-                stop.set()  # the thread stops at its next chunk; wait for it (bounded)
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(writing, FETCH_TIMEOUT_S)
+                stop.set()  # the thread stops at its next chunk; wait for it, briefly
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(writing, STOP_WAIT_S)
                 raise
         digest, size = await asyncio.to_thread(_hash_file, path)
         written = time.monotonic() - t0

@@ -448,11 +448,12 @@ async def test_windows_a_hand_off_that_keeps_failing_is_dead_lettered_with_its_r
     chunks: list[ClosedChunk],
     webhook: tuple[str, list[dict[str, Any]], list[int]],
 ) -> None:
-    """The labeling platform answers 500 to every call: after INGEST_MAX_DELIVERIES
-    attempts the revision moves to `chunks:windows:dlq` with reason `handoff_failed` and
-    the webhook's answer; the stream sink before it ran once; nothing stays pending."""
+    """The labeling platform refuses every call (422: it will not take this window):
+    after INGEST_MAX_DELIVERIES attempts the revision moves to `chunks:windows:dlq` with
+    reason `handoff_failed` and the webhook's answer; the stream sink before it ran once;
+    nothing stays pending. (A 5xx or 429 is an outage: retried, not counted.)"""
     url, received, status = webhook
-    status[0] = 500
+    status[0] = 422
     for k in range(5):
         await edge.send(chunks[k % 3], k, camera_id="cam1", start_time=at(2 * k))
     cloud = cloud_ingest(
@@ -479,7 +480,7 @@ async def test_windows_a_hand_off_that_keeps_failing_is_dead_lettered_with_its_r
         cloud.kill()
     [(_, letter)] = await edge.redis.xrange("chunks:windows:dlq")
     assert letter[b"reason"] == b"handoff_failed"
-    assert b"webhook answered 500" in letter[b"detail"]
+    assert b"webhook answered 422" in letter[b"detail"]
     assert json.loads(letter[b"window"])["revision_id"] == f"site-1-{WS}-r1"
     assert len(received) == 2  # one failed call per delivery, no more
     assert len(await closed_windows(edge)) == 1  # the stream sink ran once
@@ -764,3 +765,59 @@ async def test_windows_a_revision_whose_raw_chunk_is_gone_is_dead_lettered_at_on
     [doc] = await closed_windows(edge)
     assert doc["window_id"] == f"site-1-{WS + W}"
     await handoff.close()
+
+
+async def test_windows_a_labeling_platform_that_is_down_is_waited_for_then_given_up_on(
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    webhook: tuple[str, list[dict[str, Any]], list[int]],
+) -> None:
+    """The webhook answers 503 (down) to more attempts than INGEST_MAX_DELIVERIES allows:
+    an outage, not the window's fault, so nothing is dead-lettered for that; once it has
+    kept failing for INGEST_HANDOFF_GIVE_UP_S the revision moves to the DLQ as
+    `handoff_stalled`, the webhook's answer as its detail."""
+    import time
+
+    from cloud_ingest.handoff import Handoff
+    from cloud_ingest.totals import Tally
+
+    url, received, status = webhook
+    status[0] = 503
+    windows = windows_here(
+        stack,
+        s3,
+        edge,
+        handoff_sinks=["webhook"],
+        webhook_url=url,
+        webhook_secret="webhook-secret",
+        handoff_claim_s=0.05,
+        handoff_give_up_s=4.0,
+    )
+    await note_chunks(windows, edge, chunks, "cam1", [0], 0)
+    assert await windows.close_due() == 1
+    handoff = Handoff(windows.settings, edge.redis, s3.client, "handoff-test", Tally())
+    await handoff.setup()
+    started = time.monotonic()
+    try:
+
+        async def retried() -> bool:
+            await handoff.step()
+            return len(received) >= 6 or bool(await edge.redis.xlen("chunks:windows:dlq"))
+
+        await eventually(retried, 30, "six calls (twice INGEST_MAX_DELIVERIES)")
+        assert not await edge.redis.xlen("chunks:windows:dlq")
+        assert time.monotonic() - started < 4.0  # still within the give-up time
+
+        async def given_up() -> bool:
+            await handoff.step()
+            return bool(await edge.redis.xlen("chunks:windows:dlq"))
+
+        await eventually(given_up, 30, "the revision given up on")
+    finally:
+        await handoff.close()
+    [(_, letter)] = await edge.redis.xrange("chunks:windows:dlq")
+    assert letter[b"reason"] == b"handoff_stalled"
+    assert b"webhook answered 503" in letter[b"detail"]
+    assert int(letter[b"deliveries"]) > 3
