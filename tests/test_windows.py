@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -648,6 +648,19 @@ def test_windows_a_view_with_b_frames_is_flagged_and_still_decodes_in_order(
 # -- the window logic in this process, on the real Redis and S3 ---------------------------
 
 
+@pytest.fixture
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """What the window code logs in this process, captured: an earlier test may have
+    configured structlog to print to its own (by now closed) captured stdout. Loggers
+    are not cached meanwhile, so they see the capture."""
+    import structlog
+    import structlog.testing
+
+    structlog.configure(cache_logger_on_first_use=False)
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
 def windows_here(stack: Stack, s3: S3, edge: Edge, **overrides: Any) -> Any:
     from cloud_ingest.windows import Windows
 
@@ -682,7 +695,11 @@ async def note_chunks(
 
 
 async def test_windows_a_state_saved_ahead_of_a_failed_close_of_a_merged_hash_is_not_revision_1(
-    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    captured_logs: list[dict[str, Any]],
 ) -> None:
     """Revision 1 closes; its Redis hash expires; late footage starts a fresh hash, whose
     close saves state (revision 2) and then does not happen (killed, or outrun by a
@@ -706,7 +723,11 @@ async def test_windows_a_state_saved_ahead_of_a_failed_close_of_a_merged_hash_is
 
 
 async def test_windows_a_window_that_cannot_close_does_not_hold_up_the_others(
-    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    captured_logs: list[dict[str, Any]],
 ) -> None:
     """Window A's state in S3 is unreadable (garbage), window B's is fine; both are due,
     A first. B closes; A's failure is counted and logged, and A is tried again later
@@ -724,6 +745,8 @@ async def test_windows_a_window_that_cannot_close_does_not_hold_up_the_others(
     retry_at = await edge.redis.zscore("ingest:windows:open", f"ingest:window:site-1:{WS}")
     assert retry_at is not None and retry_at > time.time() + 20
     assert windows.tally.run["window_close_failures"] == 1
+    [failed] = [e for e in captured_logs if e["event"] == "window.close_failed"]
+    assert failed["window"] == f"ingest:window:site-1:{WS}" and "JSONDecodeError" in failed["error"]
 
 
 async def test_windows_a_chunk_that_ends_a_few_milliseconds_into_the_next_window_skips_it(
@@ -741,7 +764,11 @@ async def test_windows_a_chunk_that_ends_a_few_milliseconds_into_the_next_window
 
 
 async def test_windows_a_revision_whose_raw_chunk_is_gone_is_dead_lettered_at_once(
-    stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk]
+    stack: Stack,
+    s3: S3,
+    edge: Edge,
+    chunks: list[ClosedChunk],
+    captured_logs: list[dict[str, Any]],
 ) -> None:
     """Two closed windows; the raw chunk of the first was deleted (retention, by hand).
     Its MCAP can never be written: it is dead-lettered `mcap_failed` on its first
@@ -773,6 +800,7 @@ async def test_windows_a_labeling_platform_that_is_down_is_waited_for_then_given
     edge: Edge,
     chunks: list[ClosedChunk],
     webhook: tuple[str, list[dict[str, Any]], list[int]],
+    captured_logs: list[dict[str, Any]],
 ) -> None:
     """The webhook answers 503 (down) to more attempts than INGEST_MAX_DELIVERIES allows:
     an outage, not the window's fault, so nothing is dead-lettered for that; once it has
