@@ -15,6 +15,17 @@ from shared.manifest import Bucket, Ident, SigningKey
 from shared.settings import read_secret
 
 
+def _json_object(raw: str, source: str, shape: str) -> dict[str, Any]:
+    """A setting given as JSON text: an object, or a ValueError naming the variable."""
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc.msg})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{source}: expected a JSON object {shape}")
+    return parsed
+
+
 class KeyEntry(BaseModel):
     """One ``INGEST_KEYRING`` entry: ``"secret"`` or ``{"secret", "device_id", "site_id",
     "cameras"}``. Bind every production key to its device and site."""
@@ -195,12 +206,7 @@ class IngestSettings(BaseSettings):
             secret = read_secret(None, Path(path) if path else None, "keyring")
             raw, source = (secret.get_secret_value() if secret else None), "INGEST_KEYRING_FILE"
         if isinstance(raw, str):
-            try:
-                parsed = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{source}: not valid JSON ({exc.msg})") from None
-            if not isinstance(parsed, dict):
-                raise ValueError(f'{source}: expected a JSON object {{"key_id": "secret"}}')
+            parsed = _json_object(raw, source, '{"key_id": "secret"}')
             entries = {k: {"secret": v} if isinstance(v, str) else v for k, v in parsed.items()}
             data = {**data, "keyring": entries}
         return data
@@ -219,12 +225,7 @@ class IngestSettings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"{source}: cannot read {path}: {exc.strerror}") from None
         if isinstance(raw, str):
-            try:
-                parsed = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{source}: not valid JSON ({exc.msg})") from None
-            if not isinstance(parsed, dict):
-                raise ValueError(f'{source}: expected {{"site": {{"camera": {{...}}}}}}')
+            parsed = _json_object(raw, source, '{"site": {"camera": {...}}}')
             data = {**data, "camera_calibration": parsed}
         return data
 

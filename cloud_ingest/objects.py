@@ -8,7 +8,12 @@ plus one byte, whatever the server then sends.
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from botocore.exceptions import ClientError
+
+from shared.s3 import is_not_found
 
 READ_PIECE = 1 << 20
 
@@ -45,3 +50,15 @@ async def _read_at_most(body: Any, most: int) -> bytes:
         parts.append(part)
         got += len(part)
     return b"".join(parts)
+
+
+async def get_json(s3: Any, bucket: str, key: str, limit: int) -> Any:
+    """One of our own JSON documents (bounded), or None when there is no such key. Any
+    other error (a missing bucket, a refusal) is raised: the caller's probe decides."""
+    try:
+        raw = await get_bounded(s3, bucket, key, limit)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        raise
+    return json.loads(raw)

@@ -23,7 +23,7 @@ from cloud_ingest.config import IngestSettings
 from cloud_ingest.failures import RawReadFailed, ReadBreaker
 from cloud_ingest.filters import Analysis
 from cloud_ingest.media_pool import MediaPool
-from cloud_ingest.objects import SizeError, get_bounded
+from cloud_ingest.objects import SizeError, get_bounded, get_json
 from cloud_ingest.preprocess import media_work
 from cloud_ingest.totals import Tally
 from cloud_ingest.windows import Windows
@@ -153,13 +153,9 @@ class ChunkProcessor:
         content is a replay: refused, and the existing outputs stay as they are. Only a
         missing record means "not done": a missing bucket or a refusal is raised (the
         probe decides whose it is)."""
-        try:
-            raw = await get_bounded(self.s3, self.settings.output_bucket, rkey, MAX_RECORD_BYTES)
-        except ClientError as exc:
-            if is_not_found(exc):
-                return False
-            raise
-        record = json.loads(raw)
+        record = await get_json(self.s3, self.settings.output_bucket, rkey, MAX_RECORD_BYTES)
+        if record is None:
+            return False
         if record.get("manifest") != signed.manifest.model_dump(mode="json"):
             raise Rejected(
                 "replay",

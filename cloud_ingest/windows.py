@@ -29,10 +29,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from botocore.exceptions import ClientError
 
 from cloud_ingest.config import IngestSettings
-from cloud_ingest.objects import get_bounded
+from cloud_ingest.objects import get_json
 from cloud_ingest.totals import Tally
 from shared.keys import (
     OPEN_WINDOWS,
@@ -45,7 +44,6 @@ from shared.keys import (
     window_state_key,
 )
 from shared.manifest import Manifest
-from shared.s3 import is_not_found
 
 log = structlog.get_logger("cloud_ingest")
 
@@ -442,13 +440,9 @@ class Windows:
 
     async def _prior(self, site: str, start: int) -> Prior | None:
         key = window_state_key(self.settings.output_prefix, site, start)
-        try:
-            raw = await get_bounded(self.s3, self.settings.output_bucket, key, MAX_STATE_BYTES)
-        except ClientError as exc:
-            if is_not_found(exc):
-                return None
-            raise
-        state = json.loads(raw)
+        state = await get_json(self.s3, self.settings.output_bucket, key, MAX_STATE_BYTES)
+        if state is None:
+            return None
         return Prior(int(state["revision"]), dict(state["notes"]), str(state.get("born", "")))
 
     async def _save_state(

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from devstack.media import make_clip
 from devstack.servers import RedisServer, RtspServer, SeaweedS3, free_port
@@ -134,3 +135,23 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]], list[int]]]:
+    """A webhook that records each call; ``status[0]`` is what it answers."""
+    received: list[dict[str, Any]] = []
+    status = [200]
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append({"body": await request.read(), "headers": dict(request.headers)})
+        return web.json_response({"ok": status[0] < 300}, status=status[0])
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/hook", received, status
+    await runner.cleanup()

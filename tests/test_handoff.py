@@ -9,14 +9,11 @@ import hmac
 import io
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pyarrow.parquet as pq
-import pytest
-from aiohttp import web
 
 from devstack.media import make_clip
 from devstack.servers import free_port
@@ -36,25 +33,6 @@ SECRET = "webhook-secret"
 ENTRYPOINT = """python -c "print('reconstruct {revision_id} {mcap_key} from {chunk_ids}')" """
 
 
-@pytest.fixture
-async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-    received: list[dict[str, Any]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        body = await request.read()
-        received.append({"body": body, "headers": dict(request.headers)})
-        return web.json_response({"ok": True})
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/hook", received
-    await runner.cleanup()
-
-
 async def send_window(edge: Edge, chunks: list[ClosedChunk], cameras: list[str]) -> None:
     """Five 2 s chunks per camera: exactly one 10 s window starting at BASE_TIME."""
     for camera in cameras:
@@ -72,9 +50,9 @@ async def test_handoff_window_closes_when_every_view_arrived(
     s3: S3,
     edge: Edge,
     chunks: list[ClosedChunk],
-    webhook: tuple[str, list[dict[str, Any]]],
+    webhook: tuple[str, list[dict[str, Any]], list[int]],
 ) -> None:
-    url, received = webhook
+    url, received, _ = webhook
     await send_window(edge, chunks, ["cam1", "cam2"])
     cloud = cloud_ingest(
         stack,
@@ -263,14 +241,14 @@ async def test_handoff_every_output_is_strict_json(
     s3: S3,
     edge: Edge,
     chunks: list[ClosedChunk],
-    webhook: tuple[str, list[dict[str, Any]]],
+    webhook: tuple[str, list[dict[str, Any]], list[int]],
     tmp_path: Path,
 ) -> None:
     """A window whose chunks include one with a single decodable keyframe (no motion to
     measure): every JSON object written to the output bucket, every shard's scores column,
     the closed window on the downstream stream and the webhook's body parse with a strict
     parser (no NaN, no Infinity); the missing score is null, with the reason beside it."""
-    url, received = webhook
+    url, received, _ = webhook
     clip = make_clip(tmp_path / "one-keyframe.mp4", 2, gop=30)  # 30 frames, one GOP
     [single] = segment_file(clip, tmp_path / "one-keyframe", 2.0)
     assert single.keyframe_count == 1

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -21,7 +21,6 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from aiohttp import web
 from mcap.reader import make_reader
 from mcap_protobuf.decoder import DecoderFactory
 
@@ -60,26 +59,6 @@ CALIBRATION = {
         }
     }
 }
-
-
-@pytest.fixture
-async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]], list[int]]]:
-    """A webhook that records each call; ``status[0]`` is what it answers."""
-    received: list[dict[str, Any]] = []
-    status = [200]
-
-    async def hook(request: web.Request) -> web.Response:
-        received.append({"body": await request.read(), "headers": dict(request.headers)})
-        return web.json_response({"ok": status[0] < 300}, status=status[0])
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/hook", received, status
-    await runner.cleanup()
 
 
 def calibration() -> dict[str, Any]:
