@@ -30,9 +30,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
+from cloud_ingest.processor import UNLOCK_SCRIPT
 from cloud_ingest.scene_mcap import SceneError, publish_mcap
 from cloud_ingest.totals import Tally
-from shared.keys import ACTIVE_JOBS, JOBS, handoff_done_key, handoff_stream
+from shared.keys import ACTIVE_JOBS, JOB_SUBMIT_LOCK, JOBS, handoff_done_key, handoff_stream
 from shared.queue import Entry, GroupConsumer, ReapCursor, ensure_group, publish
 
 log = structlog.get_logger("cloud_ingest")
@@ -118,6 +119,7 @@ class Handoff:
         self.settings = settings
         self.client = client
         self.s3 = s3
+        self.name = name
         self.queue = GroupConsumer(client, handoff_stream(settings.stream), HANDOFF_GROUP, name)
         self.http: aiohttp.ClientSession | None = None
         self.tally = tally
@@ -382,7 +384,17 @@ class Handoff:
         }
 
     async def _sink_ray_job(self, doc: dict[str, Any]) -> str:
-        submission = await self.jobs.call(self._submit, doc)
+        # Every consumer hands windows off: without one lock around "count the running
+        # jobs, then submit", two of them both see a free slot and both submit.
+        holder = f"{self.name}/{time.time_ns()}"
+        ttl_ms = int((self.settings.job_api_timeout_s + 5) * 1000)
+        if not await self.client.set(JOB_SUBMIT_LOCK, holder, nx=True, px=ttl_ms):
+            raise SinkBusy("another consumer is submitting a reconstruction job")
+        try:
+            submission = await self.jobs.call(self._submit, doc)
+        finally:
+            with contextlib.suppress(RedisError):  # it expires on its own
+                await self.client.eval(UNLOCK_SCRIPT, 1, JOB_SUBMIT_LOCK, holder)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hsetnx(JOBS, submission, "PENDING")
             pipe.sadd(ACTIVE_JOBS, submission)

@@ -111,6 +111,7 @@ def handoff_done_key(revision: str) -> str:
 
 JOBS = "ingest:jobs"  # hash: submission id -> last known status of hand-off Ray jobs
 ACTIVE_JOBS = "ingest:jobs:active"  # set: submission ids not yet in a terminal state
+JOB_SUBMIT_LOCK = "ingest:lock:job-submit"  # held while a consumer counts jobs and submits
 
 
 def handoff_stream(stream: str) -> str:

@@ -25,6 +25,7 @@ from tests.support import (
     Stack,
     cloud_ingest,
     eventually,
+    ingest_settings,
     segment_file,
     strict_json,
 )
@@ -234,6 +235,68 @@ async def test_handoff_respects_the_concurrent_job_limit(
         cloud.kill()
     first, second = ours()
     assert second.start_time >= first.end_time  # never two at once
+
+
+async def test_handoff_two_consumers_submitting_at_once_respect_the_job_limit(
+    stack: Stack, s3: S3, edge: Edge, ray_cluster: tuple[str, str]
+) -> None:
+    """Two consumers hand off a window each at the same moment, INGEST_JOB_MAX_CONCURRENT=1:
+    one job is submitted and the other consumer is told the sink is busy (without a lock
+    around "count the running jobs, then submit", both saw a free slot: CI caught two
+    reconstruction jobs running at once)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cloud_ingest.handoff import Handoff, SinkBusy
+    from cloud_ingest.totals import Tally
+
+    client = JobSubmissionClient(ray_cluster[1])
+    live = (JobStatus.PENDING, JobStatus.RUNNING)
+
+    def ours(status: tuple[JobStatus, ...]) -> list[str]:
+        return [
+            j.submission_id or ""
+            for j in client.list_jobs()
+            if (j.submission_id or "").startswith("window-") and j.status in status
+        ]
+
+    async def idle() -> bool:
+        return not ours(live)
+
+    await eventually(idle, 60, "earlier tests' window jobs to finish")
+    settings = ingest_settings(
+        stack,
+        handoff_sinks=["ray_job"],
+        job_address=ray_cluster[1],
+        job_max_concurrent=1,
+        job_entrypoint="sleep 2 # {revision_id}",
+    )
+    tag = f"race{time.time_ns()}"
+    docs = [
+        {
+            "window_id": f"{tag}-{n}",
+            "revision_id": f"{tag}-{n}-r1",
+            "revision": 1,
+            "mcap_key": f"{tag}/{n}.mcap",
+            "site_id": tag,
+            "start": n,
+            "end": n + 10,
+            "chunks": {},
+        }
+        for n in range(2)
+    ]
+    handoffs = [Handoff(settings, edge.redis, s3.client, f"c{n}", Tally()) for n in range(2)]
+    outcomes = await asyncio.gather(
+        *(h._sink_ray_job(d) for h, d in zip(handoffs, docs, strict=True)),
+        return_exceptions=True,
+    )
+    submitted = [o for o in outcomes if isinstance(o, str)]
+    busy = [o for o in outcomes if isinstance(o, SinkBusy)]
+    assert len(submitted) == 1 and len(busy) == 1, outcomes
+    assert [s for s in ours(tuple(JobStatus)) if tag in s] == submitted
+    assert await edge.redis.get("ingest:lock:job-submit") is None  # released
+    await eventually(idle, 60, "the job to finish")
+    for h in handoffs:
+        await h.close()
 
 
 async def test_handoff_every_output_is_strict_json(
