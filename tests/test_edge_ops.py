@@ -7,6 +7,7 @@ import configparser
 import re
 import shutil
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +21,8 @@ from devstack.servers import RtspServer, SeaweedS3, free_port
 from edge_agent.segmenter import partial_name
 from tests.support import (
     BIN,
+    SECRET,
+    Daemon,
     NotifySocket,
     Stack,
     edge_agent,
@@ -41,13 +44,18 @@ def unit() -> configparser.ConfigParser:
     return parser
 
 
-def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+def local_unit(tmp_path: Path, text: str | None = None) -> Path:
+    """The unit with ExecStart= on this checkout's agent (verify wants a real binary)."""
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze missing: make deps installs Debian's systemd package")
     local = tmp_path / "edge-agent.service"
-    local.write_text(
-        UNIT.read_text().replace("/opt/edge-agent/.venv/bin/edge-agent", str(BIN / "edge-agent"))
-    )
+    text = UNIT.read_text() if text is None else text
+    local.write_text(text.replace("/opt/edge-agent/.venv/bin/edge-agent", str(BIN / "edge-agent")))
+    return local
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    local = local_unit(tmp_path)
     result = subprocess.run(
         ["systemd-analyze", "verify", str(local)],
         capture_output=True,
@@ -73,6 +81,166 @@ def test_systemd_unit_has_the_production_settings() -> None:
     assert svc["User"] == "edge-agent"
     assert svc["ReadWritePaths"] == "/var/lib/edge-agent"
     assert "signing_key:" in UNIT.read_text()  # LoadCredential for the signing key
+
+
+def exposure(unit_file: Path) -> float:
+    """``systemd-analyze security --offline=yes``'s overall exposure (0 safest, 10 worst)."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    return float(found.group(1))
+
+
+def test_systemd_unit_exposure_is_at_most_2(tmp_path: Path) -> None:
+    """3.2 before the sandbox was tightened (issue 11); the unit now scores 1.2."""
+    assert exposure(local_unit(tmp_path)) <= 2.0
+
+
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "PrivateMounts": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectClock": "yes",
+    "ProtectHostname": "yes",
+    "ProtectProc": "invisible",
+    # AF_NETLINK left out: glibc's getaddrinfo(AI_ADDRCONFIG) falls back without it.
+    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "RestrictSUIDSGID": "yes",
+    "LockPersonality": "yes",
+    "MemoryDenyWriteExecute": "yes",
+    "RemoveIPC": "yes",
+    "SystemCallArchitectures": "native",
+    "SystemCallErrorNumber": "EPERM",
+    "CapabilityBoundingSet": "",
+    "AmbientCapabilities": "",
+    "UMask": "0077",
+}
+
+
+def test_systemd_unit_sets_the_hardening_directives() -> None:
+    svc = unit()["Service"]
+    assert {k: svc.get(k) for k in HARDENING} == HARDENING
+    filters = re.findall(r"^SystemCallFilter=(.*)$", UNIT.read_text(), flags=re.M)
+    assert filters == ["@system-service", "~@privileged @resources"]
+    # Cameras and S3 are on the network; ProcSubset=pid would hide /proc/stat, and with
+    # it every edge_agent_process_* series (the restart alert's among them).
+    for absent in ("PrivateNetwork", "IPAddressDeny", "ProcSubset", "PrivateUsers"):
+        assert absent not in svc, absent
+
+
+def test_systemd_unit_needs_no_specifier_newer_than_its_credentials() -> None:
+    """LoadCredential= is systemd 247; %d (the credentials directory) only came in 251,
+    and older versions drop a line that uses it, so the path is spelled out."""
+    text = UNIT.read_text()
+    assert [line for line in text.splitlines() if "%d" in line and line[:1] != "#"] == []
+    env = dict(v.split("=", 1) for v in re.findall(r"^Environment=(.*)$", text, flags=re.M))
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/run/credentials/%n/aws_credentials"
+    assert "LoadCredential=aws_credentials:" in text
+
+
+SANDBOX = ROOT / "systemd" / "sandbox.py"
+
+
+def sandboxed(*argv: str) -> list[str]:
+    """``argv`` under the unit's seccomp filters (systemd/sandbox.py; PID 1 is no systemd)."""
+    return [sys.executable, str(SANDBOX), "--unit", str(UNIT), "--", *argv]
+
+
+def test_systemd_sandbox_refuses_what_the_unit_forbids(clip: Path) -> None:
+    """The filters bite (so the capture test below means something), and PyAV lives with
+    them: a threaded decode of the session clip."""
+    probe = f"""
+import ctypes, errno, mmap, socket, threading
+import av
+def refused(call):
+    try:
+        call()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    return "allowed"
+libc = ctypes.CDLL(None, use_errno=True)
+def c(rc):
+    return errno.errorcode[ctypes.get_errno()] if rc < 0 else "allowed"
+print(refused(lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC)))
+print(refused(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)))
+print(c(libc.unshare(0x10000000)), c(libc.setpriority(0, 0, 5)), c(libc.personality(8)))
+with av.open({str(clip)!r}) as f:
+    f.streams.video[0].thread_type = "AUTO"
+    print(sum(1 for _ in f.decode(video=0)), threading.active_count())
+"""
+    result = subprocess.run(
+        sandboxed(sys.executable, "-c", probe),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["EPERM", "EAFNOSUPPORT", "EPERM EPERM EPERM"], result.stdout
+    assert lines[3] == "90 1"  # every frame of the 6 s, 15 fps clip
+
+
+async def test_systemd_sandbox_lets_the_agent_capture_and_deliver(
+    stack: Stack, rtsp_server: RtspServer, tmp_path: Path
+) -> None:
+    """The agent under the unit's system-call filters (MemoryDenyWriteExecute=,
+    SystemCallFilter=, RestrictAddressFamilies=, ...) with its secrets where the unit
+    puts them: RTSP capture, S3 upload, Redis announce, sd_notify, /metrics."""
+    creds = tmp_path / "credentials"  # stands for /run/credentials/edge-agent.service
+    creds.mkdir()
+    (creds / "signing_key").write_text(SECRET)
+    (creds / "aws_credentials").write_text(
+        "[default]\naws_access_key_id = test\naws_secret_access_key = test-secret\n"
+    )
+    env = stack.edge_env([{"id": "cam1", "url": rtsp_server.url("cam1")}])
+    for secret in ("EDGE_SIGNING_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        del env[secret]
+    unit_env = re.search(r"^Environment=AWS_SHARED_CREDENTIALS_FILE=(.*)$", UNIT.read_text(), re.M)
+    assert unit_env
+    port = free_port()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env |= {
+        "CREDENTIALS_DIRECTORY": str(creds),
+        "AWS_SHARED_CREDENTIALS_FILE": unit_env[1].replace("/run/credentials/%n", str(creds)),
+        "EDGE_HTTP_BIND": f"127.0.0.1:{port}",
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "2000000",
+    }
+    edge = Daemon(sandboxed(str(BIN / "edge-agent"), "run"), env, tmp_path / "e.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def announced() -> bool:
+                return sum(e.get("outcome") == "announced" for e in edge.events("chunk")) >= 2
+
+            await eventually(announced, 60, "two chunks announced")
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+        assert re.search(r'edge_agent_chunks_announced_total\{camera="cam1"\} [1-9]', text)
+        assert notify.count("READY=1") == 1 and notify.count("WATCHDOG=1") >= 1
+        assert "edge_agent_process_start_time_seconds" in text  # /proc as ProtectProc= leaves it
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+        notify.close()
+    assert "STOPPING=1" in notify.texts()
 
 
 async def test_sd_notify_ready_watchdog_and_stopping(
