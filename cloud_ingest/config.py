@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from cloud_ingest.filters import Thresholds
 from cloud_ingest.preprocess import Options
 from shared.manifest import Bucket, Ident, SigningKey
-from shared.settings import read_secret
+from shared.redis_client import RedisConnection
+from shared.settings import secret_from_file
 
 
 def _json_object(raw: str, source: str, shape: str) -> dict[str, Any]:
@@ -85,10 +86,12 @@ class Calibration(BaseModel):
         return [k[0], k[1], k[2], 0.0, k[3], k[4], k[5], 0.0, k[6], k[7], k[8], 0.0]
 
 
-class IngestSettings(BaseSettings):
+class IngestSettings(RedisConnection, BaseSettings):
+    """``INGEST_REDIS_URL``, ``INGEST_REDIS_PASSWORD`` (``_FILE``) and the sentinel
+    settings come from ``RedisConnection``."""
+
     model_config = SettingsConfigDict(env_prefix="INGEST_", extra="ignore", frozen=True)
 
-    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     stream: str = Field(default="chunks", min_length=1, max_length=200)
     group: str = Field(default="ingest", min_length=1, max_length=200)
     s3_endpoint_url: str | None = None
@@ -112,6 +115,7 @@ class IngestSettings(BaseSettings):
     http_bind: str = "127.0.0.1:9109"
     # Bearer token for /readyz and /metrics; set it whenever INGEST_HTTP_BIND is not loopback.
     http_token: SecretStr | None = None
+    http_token_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] | None = None
     batch_size: int = Field(default=8, ge=1, le=1000)
@@ -168,6 +172,7 @@ class IngestSettings(BaseSettings):
     handoff_give_up_s: float = Field(default=86400.0, gt=0)
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    webhook_secret_file: Path | None = None
     job_address: str = "http://127.0.0.1:8265"  # Ray dashboard (Job Submission API)
     # A template: {bucket} {prefix} (the output bucket and prefix), {window_id} {revision}
     # {revision_id} {mcap_key} {site} {start} {end} {chunk_ids} (comma-separated)
@@ -177,6 +182,9 @@ class IngestSettings(BaseSettings):
     )
     # Resources each hand-off job's entrypoint declares (Ray schedules it where they are).
     job_entrypoint_num_cpus: float = Field(default=1.0, ge=0)
+    # A finished hand-off job's record (status, logs) stays in Ray's job table this long,
+    # then the hand-off deletes it: thousands a day would otherwise pile up on the head.
+    job_keep_s: float = Field(default=86400.0, gt=0)
     job_max_concurrent: int = Field(default=4, ge=1)
     # Presigned GET URLs in the webhook's payload (the MCAP, the raw chunks) expire after this.
     webhook_url_expiry_s: int = Field(default=86400, ge=60, le=7 * 86400)
@@ -202,8 +210,7 @@ class IngestSettings(BaseSettings):
             return data
         raw, source = data.get("keyring"), "INGEST_KEYRING"
         if not raw:
-            path = data.get("keyring_file")
-            secret = read_secret(None, Path(path) if path else None, "keyring")
+            secret = secret_from_file(data, "keyring", "keyring", "INGEST_").get("keyring")
             raw, source = (secret.get_secret_value() if secret else None), "INGEST_KEYRING_FILE"
         if isinstance(raw, str):
             parsed = _json_object(raw, source, '{"key_id": "secret"}')
@@ -232,11 +239,13 @@ class IngestSettings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _read_replay_key(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("replay_key"):
-            return data
-        path = data.get("replay_key_file")
-        secret = read_secret(None, Path(path) if path else None, "replay_key")
-        return data if secret is None else {**data, "replay_key": secret}
+        return secret_from_file(data, "replay_key", "replay_key", "INGEST_")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        data = secret_from_file(data, "http_token", "http_token", "INGEST_")
+        return secret_from_file(data, "webhook_secret", "webhook_secret", "INGEST_")
 
     @model_validator(mode="after")
     def _require_keys(self) -> IngestSettings:

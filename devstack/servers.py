@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -136,10 +136,15 @@ class RedisServer:
         tls: Leaf | None = None,
         tls_auth_clients: Literal["no", "optional", "yes"] = "no",
         aclfile: Path | None = None,
+        password: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
+        """``password``: ``requirepass`` (and ``masterauth``, for a replica of a node with
+        the same password); ``extra_args``: more redis-server options (``--replicaof``)."""
         self.port = port or free_port()
         self.tls = tls
         self.aclfile = aclfile
+        self.password = password
         self.dir = workdir / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         persistence = (
@@ -162,6 +167,8 @@ class RedisServer:
                 tls_auth_clients,
             ]
         acl = ["--aclfile", str(aclfile)] if aclfile is not None else []
+        if password is not None:
+            acl += ["--requirepass", password, "--masterauth", password]
         self.server = Server(
             "redis",
             [
@@ -177,6 +184,7 @@ class RedisServer:
                 "noeviction",
                 *persistence,
                 *acl,
+                *extra_args,
             ],
             self.dir / "redis.log",
         )
@@ -207,7 +215,7 @@ class RedisServer:
         # With ACLs and the default user off, an unauthenticated PING is refused: the
         # server is up all the same.
         return reply.startswith(b"+PONG") or (
-            self.aclfile is not None and reply.startswith(b"-NOAUTH")
+            (self.aclfile is not None or self.password is not None) and reply.startswith(b"-NOAUTH")
         )
 
     def stop(self) -> None:

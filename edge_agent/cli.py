@@ -9,11 +9,10 @@ import sys
 import threading
 from contextlib import AsyncExitStack
 
-import redis.asyncio as aioredis
-
 from edge_agent.capture import CameraError, Source
 from edge_agent.config import EdgeSettings
 from shared import logs
+from shared.queue import connect
 from shared.s3 import open_s3
 from shared.settings import EX_CONFIG, load_or_exit, redacted, secret_values
 
@@ -57,11 +56,12 @@ async def _probe(settings: EdgeSettings) -> list[str]:
                 f"EDGE_S3_BUCKET/EDGE_S3_ENDPOINT_URL: bucket "
                 f"{settings.s3_bucket!r} not reachable: {exc}"
             )
-    client = aioredis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
+    client = connect(settings, 5)
+    where = "EDGE_REDIS_SENTINELS" if settings.redis_sentinels else "EDGE_REDIS_URL"
     try:
         await client.ping()
     except Exception as exc:
-        problems.append(f"EDGE_REDIS_URL: Redis not reachable: {type(exc).__name__}")
+        problems.append(f"{where}: Redis not reachable: {type(exc).__name__}")
     finally:
         await client.aclose()
     for cam in settings.cameras:

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.spool import RESERVED_DIRS
 from shared.manifest import Bucket, Ident
-from shared.settings import read_secret
+from shared.redis_client import RedisConnection
+from shared.settings import secret_from_file
 
 
 class Camera(BaseModel):
@@ -31,7 +32,10 @@ class Camera(BaseModel):
         return self
 
 
-class EdgeSettings(BaseSettings):
+class EdgeSettings(RedisConnection, BaseSettings):
+    """``EDGE_REDIS_URL``, ``EDGE_REDIS_PASSWORD`` (``_FILE``) and the sentinel settings
+    come from ``RedisConnection``."""
+
     model_config = SettingsConfigDict(env_prefix="EDGE_", extra="ignore", frozen=True)
 
     device_id: Ident
@@ -59,7 +63,12 @@ class EdgeSettings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_bucket: Bucket
     s3_prefix: str = "raw"
-    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    # Every Redis read and connect is bounded by this (above EDGE_REDIS_MIN_REPLICAS_TIMEOUT_S).
+    redis_timeout_s: float = Field(default=10.0, ge=1.0, le=300)
+    # A manifest counts as announced only once this many replicas have its XADD (WAIT);
+    # fewer within the timeout: announced again later (a duplicate the cloud drops).
+    redis_min_replicas: int = Field(default=0, ge=0, le=100)
+    redis_min_replicas_timeout_s: float = Field(default=1.0, gt=0, le=60)
     stream: str = Field(default="chunks", min_length=1, max_length=200)
     signing_key_id: Ident = "edge"
     signing_key: SecretStr | None = None
@@ -67,6 +76,7 @@ class EdgeSettings(BaseSettings):
     http_bind: str = "127.0.0.1:9108"
     # Bearer token for /readyz and /metrics; set it whenever EDGE_HTTP_BIND is not loopback.
     http_token: SecretStr | None = None
+    http_token_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] | None = None
     upload_concurrency: int = Field(default=4, ge=1, le=64)
@@ -91,17 +101,27 @@ class EdgeSettings(BaseSettings):
                 raise ValueError(f"EDGE_CAMERAS_FILE: cannot read {path}: {exc}") from None
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        data = secret_from_file(data, "signing_key", "signing_key", "EDGE_")
+        return secret_from_file(data, "http_token", "http_token", "EDGE_")
+
     @model_validator(mode="after")
     def _resolve(self) -> EdgeSettings:
-        key = read_secret(self.signing_key, self.signing_key_file, "signing_key")
+        key = self.signing_key  # or read from its file or credential (_secret_files)
         if key is None or not key.get_secret_value():
             raise ValueError("EDGE_SIGNING_KEY (or EDGE_SIGNING_KEY_FILE) must be set")
-        object.__setattr__(self, "signing_key", key)
         if not self.cameras:
             raise ValueError("EDGE_CAMERAS (or EDGE_CAMERAS_FILE) must list at least one camera")
         ids = [c.id for c in self.cameras]
         if len(set(ids)) != len(ids):
             raise ValueError("EDGE_CAMERAS: camera ids must be unique")
+        if self.redis_min_replicas and self.redis_min_replicas_timeout_s >= self.redis_timeout_s:
+            raise ValueError(
+                "EDGE_REDIS_MIN_REPLICAS_TIMEOUT_S: must be below EDGE_REDIS_TIMEOUT_S "
+                "(WAIT blocks that long on a connection whose reads time out after that)"
+            )
         return self
 
     def secret(self) -> bytes:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from edge_agent.config import EdgeSettings
 from edge_agent.segmenter import ClosedChunk
@@ -15,6 +16,18 @@ from shared.keys import chunk_key, manifest_key
 from shared.manifest import Manifest, derive_chunk_id, sign_fields
 from shared.queue import publish
 from shared.uploader import content_md5
+
+
+class NotReplicated(RedisError):
+    """XADD ran, but fewer than EDGE_REDIS_MIN_REPLICAS replicas acknowledged it within
+    EDGE_REDIS_MIN_REPLICAS_TIMEOUT_S: a failover now could lose it, so the manifest is
+    not announced yet. A RedisError: delivery retries it like any Redis failure (the entry
+    may then be in the stream twice; the cloud acknowledges the copy without redoing work)."""
+
+    def __init__(self, entry_id: bytes, acked: int, wanted: int) -> None:
+        super().__init__(f"entry {entry_id.decode()} reached {acked} of {wanted} replicas")
+        self.entry_id, self.acked, self.wanted = entry_id, acked, wanted
+
 
 # A chunk that starts within this much of where the previous one ended is contiguous.
 CONTIGUITY_TOLERANCE_S = 0.5
@@ -91,4 +104,27 @@ async def announce(
         ContentMD5=content_md5(sidecar),
         ContentType="application/json",
     )
-    return await publish(client, settings.stream, fields)
+    if settings.redis_min_replicas == 0:
+        return await publish(client, settings.stream, fields)
+    return await publish_replicated(
+        client,
+        settings.stream,
+        fields,
+        settings.redis_min_replicas,
+        settings.redis_min_replicas_timeout_s,
+    )
+
+
+async def publish_replicated(
+    client: aioredis.Redis, stream: str, fields: dict[str, bytes], replicas: int, timeout_s: float
+) -> bytes:
+    """XADD, then WAIT for ``replicas`` replicas on the same connection (a pipeline holds
+    one: WAIT counts the writes of its own connection). NotReplicated when fewer answered
+    within ``timeout_s``."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        pipe.execute_command("WAIT", replicas, max(1, round(timeout_s * 1000)))
+        entry_id, acked = await pipe.execute()
+    if int(acked) < replicas:
+        raise NotReplicated(bytes(entry_id), int(acked), replicas)
+    return bytes(entry_id)

@@ -47,6 +47,7 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.spool import UNFINISHED, Freed, Limits, Pruned, Recovered, Spool
 from shared import logs, systemd
 from shared.http import serve
+from shared.queue import connect
 from shared.s3 import open_s3
 from shared.tasks import Supervisor
 from shared.uploader import RateLimit, Uploader
@@ -138,9 +139,7 @@ class EdgeService:
             # the probe's HeadBucket and the sidecars.
             max_connections=self.settings.upload_concurrency + 4,
         )
-        redis = aioredis.from_url(
-            self.settings.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
-        )
+        redis = connect(self.settings, self.settings.redis_timeout_s)
         stack.push_async_callback(redis.aclose)
         return s3, redis
 

@@ -4,6 +4,7 @@ set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)  # tests/test_sentinel.py
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool check metrics

@@ -13,20 +13,19 @@ another consumer is never taken back, acknowledged or dead-lettered under it.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared import redis_client
 from shared.keys import consumer_totals_key, consumers_key, dlq_stream, flushed_key
+from shared.redis_client import RedisConnection
 
 Fields = dict[bytes, bytes]
 # A call that failed this way may have run, its reply lost on the way back.
@@ -207,34 +206,18 @@ def is_lost_group(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
 
 
-# TCP keepalive probes after 30 s of silence, 10 s apart, 3 of them: a peer that vanished
-# without a reset (a crashed host, a dropped NAT entry) is noticed within a minute or so.
-_KEEPALIVE = {
-    opt: value
-    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
-    if (opt := getattr(socket, name, None)) is not None
-}
-HEALTH_CHECK_S = 30  # a connection idle this long is PINGed before it is used again
-
-
-def connect(url: str, timeout_s: float) -> aioredis.Redis:
-    """A client that never waits for ever on a peer gone silent: every read and connect is
-    bounded by ``timeout_s`` (above the longest XREADGROUP block), TCP keepalive is on and
-    an idle connection is checked before reuse. A command whose connection broke or timed
-    out raises (its connection is dropped; the next command gets a new one) and is never
-    re-sent blindly, as redis-py would by default: a re-sent XREADGROUP or XAUTOCLAIM
-    after a lost reply would leave entries in our pending list unseen (and count extra
-    deliveries), a re-sent XADD would publish twice. Our own loops retry, knowing what a
-    lost reply may have done (``GroupConsumer`` re-reads its own pending entries)."""
-    return aioredis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        socket_keepalive=True,
-        socket_keepalive_options=_KEEPALIVE,
-        health_check_interval=HEALTH_CHECK_S,
-        retry=Retry(NoBackoff(), 0),
-    )
+def connect(target: str | RedisConnection, timeout_s: float) -> aioredis.Redis:
+    """A client of the queue's Redis: ``target`` is a daemon's settings (``REDIS_URL``,
+    ``REDIS_PASSWORD``, sentinels: see ``shared.redis_client``) or a plain URL. Every read
+    and connect is bounded by ``timeout_s`` (above the longest XREADGROUP block or WAIT),
+    TCP keepalive is on, an idle connection is checked before reuse, and a command whose
+    connection broke or timed out raises and is never re-sent blindly (a re-sent XREADGROUP
+    or XAUTOCLAIM after a lost reply would leave entries in our pending list unseen, a
+    re-sent XADD would publish twice): our own loops retry, knowing what a lost reply may
+    have done (``GroupConsumer`` re-reads its own pending entries)."""
+    if isinstance(target, str):
+        return redis_client.connect(target, timeout_s)
+    return redis_client.redis_client(target, timeout_s)
 
 
 class GroupConsumer:

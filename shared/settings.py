@@ -72,6 +72,22 @@ def read_secret(value: SecretStr | None, file: Path | None, credential: str) -> 
     return None
 
 
+def secret_from_file(data: Any, name: str, credential: str, prefix: str) -> Any:
+    """A ``mode="before"`` validator's step for the secret field ``name``: when its variable
+    is unset, fill it from ``{name}_file`` or the systemd credential ``credential``. A file
+    that cannot be read is a ValueError naming the ``*_FILE`` variable (exit 78)."""
+    if not isinstance(data, dict) or data.get(name):
+        return data
+    path = data.get(f"{name}_file")
+    try:
+        secret = read_secret(None, Path(str(path)) if path else None, credential)
+    except (OSError, UnicodeDecodeError) as exc:
+        variable = f"{prefix}{name}_FILE".upper() if path else f"credential {credential!r}"
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"{variable}: cannot read {path or credential}: {reason}") from None
+    return data if secret is None else {**data, name: secret}
+
+
 def redacted(settings: BaseSettings) -> dict[str, Any]:
     """The effective configuration for check-config output: SecretStr dumps as ``*****``,
     passwords inside URLs (camera URLs are plain strings) are masked too."""
@@ -90,7 +106,7 @@ def secret_values(model: BaseModel) -> list[str]:
             found.append(secret)
             password = urlsplit(secret).password if "://" in secret else None
             if password:
-                found.extend({password, unquote(password)})
+                found.extend(dict.fromkeys((password, unquote(password))))  # stable order
         elif isinstance(value, BaseModel):
             for name in type(value).model_fields:
                 visit(getattr(value, name))

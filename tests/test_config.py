@@ -158,3 +158,112 @@ def test_config_cloud_missing_output_bucket_exits_78() -> None:
     result = run([str(BIN / "cloud-ingest"), "status"], env)
     assert result.returncode == 78
     assert "INGEST_OUTPUT_BUCKET" in result.stderr
+
+
+SENTINELS = {"REDIS_SENTINELS": "127.0.0.1:26379,127.0.0.1:26380", "REDIS_SENTINEL_MASTER": "m"}
+
+
+@pytest.mark.parametrize("side", ["EDGE", "INGEST"])
+@pytest.mark.parametrize(
+    ("override", "variable"),
+    [
+        ({"REDIS_SENTINELS": "127.0.0.1:26379,sentinel-b"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "127.0.0.1:70000"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINEL_MASTER": ""}, "REDIS_SENTINEL_MASTER"),
+        ({"REDIS_SENTINEL_MASTER": "bad name"}, "REDIS_SENTINEL_MASTER"),
+        ({"REDIS_SENTINELS": "", "REDIS_SENTINEL_PASSWORD": "x" * 12}, "REDIS_SENTINELS"),
+        ({"REDIS_URL": "unix:///run/redis.sock"}, "REDIS_URL"),
+        ({"REDIS_PASSWORD_FILE": "/nonexistent/redis.pass"}, "REDIS_PASSWORD_FILE"),
+        ({"REDIS_SENTINEL_PASSWORD_FILE": "/nonexistent/s.pass"}, "REDIS_SENTINEL_PASSWORD_FILE"),
+        ({"HTTP_TOKEN_FILE": "/nonexistent/token"}, "HTTP_TOKEN_FILE"),
+        (
+            {"REDIS_URL": "redis://u:in-the-url@127.0.0.1/0", "REDIS_PASSWORD": "x" * 12},
+            "REDIS_PASSWORD",
+        ),
+    ],
+)
+def test_config_redis_sentinels_and_secret_files_exit_78_naming_the_variable(
+    side: str, override: dict[str, str], variable: str
+) -> None:
+    """Both daemons: a bad sentinel entry, a missing master, an unreadable secret file."""
+    env = {**(GOOD_EDGE if side == "EDGE" else GOOD_INGEST)}
+    env.update({f"{side}_{k}": v for k, v in {**SENTINELS, **override}.items() if v})
+    if side == "EDGE":
+        argv = [str(BIN / "edge-agent"), "check-config", "--offline"]
+    else:
+        argv = [str(BIN / "cloud-ingest"), "status"]
+    result = run(argv, env)
+    assert result.returncode == 78, result.stderr
+    assert f"{side}_{variable}" in result.stderr, result.stderr
+    assert "in-the-url" not in result.stderr
+
+
+def test_config_cloud_webhook_secret_file_unreadable_exits_78() -> None:
+    env = {**GOOD_INGEST, "INGEST_WEBHOOK_SECRET_FILE": "/nonexistent/webhook"}
+    result = run([str(BIN / "cloud-ingest"), "status"], env)
+    assert result.returncode == 78
+    assert "INGEST_WEBHOOK_SECRET_FILE" in result.stderr
+
+
+def test_config_edge_min_replicas_timeout_must_be_below_the_redis_timeout() -> None:
+    env = {
+        **GOOD_EDGE,
+        "EDGE_REDIS_MIN_REPLICAS": "1",
+        "EDGE_REDIS_MIN_REPLICAS_TIMEOUT_S": "10",
+        "EDGE_REDIS_TIMEOUT_S": "5",
+    }
+    result = run([str(BIN / "edge-agent"), "check-config", "--offline"], env)
+    assert result.returncode == 78
+    assert "EDGE_REDIS_MIN_REPLICAS_TIMEOUT_S" in result.stderr
+
+
+def test_config_secret_files_and_credentials_are_read_and_redacted(tmp_path: Path) -> None:
+    """Every secret's file variant (and systemd credential) is read; check-config shows
+    the sentinels and master but none of the secrets."""
+    secrets = {
+        "EDGE_REDIS_PASSWORD_FILE": "redis-pass-from-file",
+        "EDGE_REDIS_SENTINEL_PASSWORD_FILE": "sentinel-pass-from-file",
+        "EDGE_HTTP_TOKEN_FILE": "http-token-from-file",
+    }
+    env = {**GOOD_EDGE, "EDGE_REDIS_SENTINELS": " 10.0.0.5:26379, [::1]:26380 "}
+    env["EDGE_REDIS_SENTINEL_MASTER"] = "queue"
+    for name, value in secrets.items():
+        (tmp_path / name).write_text(value + "\n")
+        env[name] = str(tmp_path / name)
+    result = run([str(BIN / "edge-agent"), "check-config", "--offline"], env)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["redis_sentinels"] == ["10.0.0.5:26379", "[::1]:26380"]
+    assert shown["redis_sentinel_master"] == "queue"
+    for name in ("redis_password", "redis_sentinel_password", "http_token"):
+        assert set(shown[name]) == {"*"}, name  # masked
+    assert not [s for s in secrets.values() if s in result.stdout + result.stderr]
+    cred = tmp_path / "creds"
+    cred.mkdir()
+    for name, value in (("webhook_secret", "webhook-from-cred"), ("redis_password", "rp-cred")):
+        (cred / name).write_text(value)
+    cloud = {**GOOD_INGEST, "CREDENTIALS_DIRECTORY": str(cred)}
+    code = (
+        "from cloud_ingest.config import IngestSettings as S; s = S(); "
+        "print(s.webhook_secret.get_secret_value(), s.redis_password.get_secret_value())"
+    )
+    result = run([str(BIN / "python"), "-c", code], cloud)
+    assert result.stdout.split() == ["webhook-from-cred", "rp-cred"], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "variable"),
+    [
+        (["edge-agent", "check-config", "--offline"], GOOD_EDGE, "EDGE_SIGNING_KEY_FILE"),
+        (["cloud-ingest", "status"], GOOD_INGEST, "INGEST_KEYRING_FILE"),
+        (["cloud-ingest", "status"], GOOD_INGEST, "INGEST_REPLAY_KEY_FILE"),
+    ],
+)
+def test_config_unreadable_secret_file_exits_78_naming_it(
+    argv: list[str], env: dict[str, str], variable: str
+) -> None:
+    """A secret file that cannot be read is bad configuration (it used to be a traceback)."""
+    given = {k: v for k, v in env.items() if k != variable.removesuffix("_FILE")}
+    result = run([str(BIN / argv[0]), *argv[1:]], {**given, variable: "/nonexistent/secret"})
+    assert result.returncode == 78, result.stderr
+    assert f"{variable}: cannot read" in result.stderr

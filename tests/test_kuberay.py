@@ -43,16 +43,6 @@ DATA = Path(__file__).resolve().parent / "data" / "kuberay"
 K8S_VERSION = "1.36"
 IMAGE = re.compile(r"^[a-z0-9.-]+(?::[0-9]+)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$")
 
-# The *_FILE and Sentinel variables another change is adding to IngestSettings right now.
-# Remove this allow-list once IngestSettings.model_fields has them all.
-PENDING_SETTINGS = {
-    "INGEST_REDIS_PASSWORD_FILE",
-    "INGEST_HTTP_TOKEN_FILE",
-    "INGEST_WEBHOOK_SECRET_FILE",
-    "INGEST_REDIS_SENTINEL_PASSWORD_FILE",
-    "INGEST_REDIS_SENTINELS",
-    "INGEST_REDIS_SENTINEL_MASTER",
-}
 # Secrets that must never be given as a value, only as a mounted file.
 SECRET_VALUES = {
     "INGEST_REDIS_PASSWORD",
@@ -866,7 +856,7 @@ def test_kuberay_secret_check_catches_mistakes(env: dict[str, Any], reason: str)
 
 
 def known_settings() -> set[str]:
-    return {f"INGEST_{name.upper()}" for name in IngestSettings.model_fields} | PENDING_SETTINGS
+    return {f"INGEST_{name.upper()}" for name in IngestSettings.model_fields}
 
 
 @pytest.mark.parametrize(("where", "container", "pod"), CONTAINERS, ids=CONTAINER_IDS)
