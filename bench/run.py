@@ -26,7 +26,16 @@ from typing import Any
 from bench.common import RESULTS, Figure, stack
 from bench.report import plot, table
 
-BENCHES = ["edge_capture", "upload", "queue", "processing", "latency", "window_mcap"]
+BENCHES = [
+    "edge_capture",
+    "upload",
+    "queue",
+    "processing",
+    "latency",
+    "window_mcap",
+    "redis_wait",
+    "scaling",
+]
 
 
 def main(argv: list[str]) -> int:

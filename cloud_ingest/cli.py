@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections import Counter
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from typing import Any
 from cloud_ingest import admin
 from cloud_ingest.config import IngestSettings
 from shared import logs
-from shared.keys import OPEN_WINDOWS, dlq_stream, handoff_stream
+from shared.keys import OPEN_WINDOWS, dlq_stream, handoff_stream, whereabouts_key
 from shared.manifest import Keyring
 from shared.queue import connect, status
 from shared.s3 import open_s3
@@ -42,7 +43,7 @@ def _run() -> int:
 
 
 def _redis(settings: IngestSettings) -> Any:
-    return connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
+    return connect(settings, settings.redis_timeout_s)
 
 
 async def _status(settings: IngestSettings, as_json: bool, interval: float) -> int:
@@ -59,6 +60,7 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
             }
             st = later
         handoff = handoff_stream(settings.stream)
+        placed: Any = await client.hgetall(whereabouts_key(settings.group))
         windows = {
             "open": int(await client.zcard(OPEN_WINDOWS)),
             "to_hand_off": int(await client.xlen(handoff)),
@@ -66,6 +68,9 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
         }
     finally:
         await client.aclose()
+    where = {k.decode(): json.loads(v) for k, v in placed.items()}
+    for c in st.consumers:  # where each consumer runs (its actor says so every 10 s)
+        c["where"] = where.get(c["name"])
     doc = {
         "stream": settings.stream,
         "group": settings.group,
@@ -89,7 +94,14 @@ async def _status(settings: IngestSettings, as_json: bool, interval: float) -> i
         f"  dead-lettered {windows['dead_lettered']}"
     )
     for c in st.consumers:
-        print(f"  consumer {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
+        w = c["where"]
+        at = ""
+        if w is not None:  # said every 10 s while it runs: an old "seen" is a gone actor
+            seen = time.time() - float(w.get("seen", 0))
+            at = f", node {w['node_ip']} {w['node_id'][:12]} pid {w['pid']} (seen {seen:.0f}s ago)"
+        print(
+            f"  consumer {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s{at}"
+        )
     return 0
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
+import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
@@ -36,12 +38,13 @@ from cloud_ingest.failures import (
 )
 from cloud_ingest.handoff import Handoff
 from cloud_ingest.media_pool import MediaPool, WorkerError
+from cloud_ingest.placement import WHEREABOUTS_PERIOD_S, whereabouts
 from cloud_ingest.processor import ChunkProcessor, Outcome
 from cloud_ingest.totals import Tally
 from cloud_ingest.windows import Windows
 from shared import logs
 from shared.backoff import Backoff
-from shared.keys import consumer_totals_key, redis_probe_key, s3_probe_key
+from shared.keys import consumer_totals_key, redis_probe_key, s3_probe_key, whereabouts_key
 from shared.manifest import Rejected
 from shared.queue import (
     Acks,
@@ -98,7 +101,7 @@ class Consumer:
     # The per-chunk work; a subclass may use another (the tests plant bugs this way).
     processor_class: type[ChunkProcessor] = ChunkProcessor
 
-    def __init__(self, settings: IngestSettings, name: str) -> None:
+    def __init__(self, settings: IngestSettings, name: str, built_from: str = "") -> None:
         logs.configure(settings.log_level, settings.log_format, secret_values(settings))
         self.settings = settings
         self.name = name
@@ -119,6 +122,9 @@ class Consumer:
         self._slots = asyncio.Semaphore(settings.actor_concurrency)
         self._pause_backoff = Backoff(base=1.0, cap=settings.pause_max_s)
         self._stages = drain_stages(settings)
+        self._current: asyncio.Future[dict[str, int]] | None = None  # the run in progress
+        self._built_from = built_from  # the creating driver's fingerprint
+        self._retired = False
 
     def pid(self) -> int:
         return os.getpid()
@@ -128,6 +134,22 @@ class Consumer:
 
     async def stop(self) -> None:
         self._stop.set()
+
+    async def retire(self) -> dict[str, int]:
+        """Stop and wait for the run in progress (a driver replacing this actor)."""
+        self._retired = True  # for good: a run() after this one (another driver) refuses
+        self._stop.set()
+        if self._current is None or self._current.done():
+            return {}
+        return await asyncio.shield(self._current)
+
+    def fingerprint(self) -> str:
+        """What this actor was built from (``placement.fingerprint``, by its driver): a new
+        driver adopts it only if it would have built the very same one."""
+        return self._built_from
+
+    def where(self) -> dict[str, str]:
+        return whereabouts()
 
     async def stats(self) -> dict[str, float]:
         return {
@@ -141,6 +163,18 @@ class Consumer:
         }
 
     async def run(self) -> dict[str, int]:
+        """Consume until stopped. A call while a run is in progress joins it: a driver that
+        was killed and started again adopts this detached actor and calls ``run()`` once
+        more, which must never start a second drain loop beside the first."""
+        if self._retired:
+            raise RuntimeError(f"{self.name} was retired; its replacement takes over")
+        if self._current is None or self._current.done():
+            self._stop.clear()
+            self._current = asyncio.ensure_future(self._run_once())
+        # Shielded: the run outlives a caller that goes away (the old driver).
+        return await asyncio.shield(self._current)
+
+    async def _run_once(self) -> dict[str, int]:
         structlog.contextvars.bind_contextvars(consumer=self.name)
         self.tally.run.clear()  # run() returns this run's counts (the supervisor sums them)
         self.abandoned = []
@@ -149,7 +183,7 @@ class Consumer:
         settings = self.settings
         async with AsyncExitStack() as stack:
             s3 = await open_s3(stack, settings.s3_endpoint_url, settings.s3_region)
-            redis = connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
+            redis = connect(settings, settings.redis_timeout_s)
             stack.push_async_callback(self._within, "close_redis", redis.aclose)
             queue = GroupConsumer(redis, settings.stream, settings.group, self.name)
             stack.push_async_callback(self.pool.close)
@@ -171,6 +205,7 @@ class Consumer:
             stack.push_async_callback(self._close_tasks, tasks)
             tasks.start("leases", lambda: self._renew_leases(queue, processor))
             tasks.start("windows", lambda: self._windows(processor.windows, handoff))
+            tasks.start("whereabouts", lambda: self._report_whereabouts(redis))
             log.info("consumer.started", pid=os.getpid(), media_workers=self.pool.pids())
             loop = asyncio.create_task(self._drain_loop(queue, processor, probe), name="drain")
             try:
@@ -572,6 +607,18 @@ class Consumer:
             )
 
     # -- long-lived tasks (supervised) --------------------------------------------------------
+
+    async def _report_whereabouts(self, redis: aioredis.Redis) -> None:
+        """Which node and process this consumer runs on, for ``cloud-ingest status``."""
+        here = {**whereabouts(), "since": str(int(time.time()))}
+        while True:
+            here["seen"] = str(int(time.time()))
+            try:
+                await redis.hset(whereabouts_key(self.settings.group), self.name, json.dumps(here))
+            except RedisError as exc:
+                log.debug("whereabouts.failed", error=repr(exc)[:200])
+            if await _wait(self._closing, WHEREABOUTS_PERIOD_S):
+                return
 
     async def _renew_leases(self, queue: GroupConsumer, processor: ChunkProcessor) -> None:
         """Keep long work from being reclaimed: reset the idle time of the entries we still

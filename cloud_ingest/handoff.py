@@ -66,6 +66,9 @@ ENVIRONMENT = (
     aiohttp.ClientConnectionError,
 )
 HANDOFF_GROUP = "handoff"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+JOB_SWEEP_PERIOD_S = 60.0  # how often finished jobs are looked for when none is running
+JOB_SWEEP_MAX = 100  # job records deleted per look (each one a request to the head)
 
 
 class TimeLimitedThread:
@@ -126,6 +129,7 @@ class Handoff:
         self.reap = ReapCursor()
         self._stale_first = False
         self.jobs = TimeLimitedThread(settings.job_api_timeout_s)
+        self._swept_at = 0.0  # when finished jobs were last looked for
 
     async def setup(self) -> None:
         await ensure_group(self.client, handoff_stream(self.settings.stream), HANDOFF_GROUP)
@@ -135,15 +139,19 @@ class Handoff:
             await self.http.close()
 
     async def track_jobs(self) -> dict[str, str]:
-        """Follow submitted reconstruction jobs to a terminal state (``ingest:jobs``)."""
+        """Follow submitted reconstruction jobs to a terminal state (``ingest:jobs``), and
+        delete finished ones from Ray's job table once INGEST_JOB_KEEP_S has passed."""
+        if "ray_job" not in self.settings.handoff_sinks:
+            return {}
         active: Any = await self.client.smembers(ACTIVE_JOBS)
-        if not active or "ray_job" not in self.settings.handoff_sinks:
+        await self._sweep_jobs()
+        if not active:
             return {}
         statuses = await self.jobs.call(self._statuses, {a.decode() for a in active})
         async with self.client.pipeline(transaction=False) as pipe:
             for submission, state in statuses.items():
                 pipe.hset(JOBS, submission, state)
-                if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+                if state in TERMINAL:
                     pipe.srem(ACTIVE_JOBS, submission)
             await pipe.execute()
         return statuses
@@ -153,6 +161,53 @@ class Handoff:
 
         jobs = JobSubmissionClient(self.settings.job_address).list_jobs()
         return {j.submission_id: str(j.status.value) for j in jobs if j.submission_id in wanted}
+
+    async def _sweep_jobs(self) -> None:
+        """Thousands of windows a day add a job record each to the head's job table: the
+        hand-off's own jobs, finished more than INGEST_JOB_KEEP_S ago and recorded as
+        finished in ``ingest:jobs``, are deleted, a bounded few per look. Best effort: a
+        failure is logged and looked at again next period, never the hand-off's."""
+        period = min(JOB_SWEEP_PERIOD_S, self.settings.job_keep_s)
+        if time.monotonic() - self._swept_at < period:
+            return
+        self._swept_at = time.monotonic()
+        try:
+            old = await self.jobs.call(
+                self._finished_before, time.time() - self.settings.job_keep_s
+            )
+            if not old:
+                return
+            states: list[Any] = await self.client.hmget(JOBS, old)
+            recorded = [
+                j for j, st in zip(old, states, strict=True) if st and st.decode() in TERMINAL
+            ]
+            if recorded:
+                await self.jobs.call(self._delete_jobs, recorded[:JOB_SWEEP_MAX])
+                log.info(
+                    "handoff.jobs_deleted", count=len(recorded[:JOB_SWEEP_MAX]), left=len(recorded)
+                )
+        except Exception as exc:
+            log.warning("handoff.jobs_sweep_failed", error=repr(exc)[:300])
+
+    def _finished_before(self, cutoff_s: float) -> list[str]:
+        from ray.job_submission import JobSubmissionClient
+
+        return [
+            j.submission_id or ""
+            for j in JobSubmissionClient(self.settings.job_address).list_jobs()
+            if (j.submission_id or "").startswith("window-")
+            and str(j.status.value) in TERMINAL
+            and j.end_time is not None
+            and j.end_time < cutoff_s * 1000
+        ]
+
+    def _delete_jobs(self, submission_ids: list[str]) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(self.settings.job_address)
+        for submission_id in submission_ids:
+            with contextlib.suppress(Exception):  # gone meanwhile (another consumer)
+                client.delete_job(submission_id)
 
     async def step(self) -> int:
         """Hand off one window waiting for us: ours first, then, turn about, a stale one
@@ -392,14 +447,23 @@ class Handoff:
             raise SinkBusy("another consumer is submitting a reconstruction job")
         try:
             submission = await self.jobs.call(self._submit, doc)
-        finally:
-            with contextlib.suppress(RedisError):  # it expires on its own
-                await self.client.eval(UNLOCK_SCRIPT, 1, JOB_SUBMIT_LOCK, holder)
+        except TimeoutError:
+            # The thread may still be counting or submitting: the lock stays until it
+            # expires, so nobody else submits beside it meanwhile.
+            raise
+        except BaseException:
+            await self._unlock_submit(holder)
+            raise
+        await self._unlock_submit(holder)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hsetnx(JOBS, submission, "PENDING")
             pipe.sadd(ACTIVE_JOBS, submission)
             await pipe.execute()
         return submission
+
+    async def _unlock_submit(self, holder: str) -> None:
+        with contextlib.suppress(RedisError):  # it expires on its own
+            await self.client.eval(UNLOCK_SCRIPT, 1, JOB_SUBMIT_LOCK, holder)
 
     def _submit(self, doc: dict[str, Any]) -> str:
         from ray.job_submission import JobStatus, JobSubmissionClient

@@ -82,8 +82,20 @@ class IngestMetrics:
         self.actor = {
             key: Gauge(name, text, registry=r) for key, (name, text) in ACTOR_GAUGES.items()
         }
+        self.node = Gauge(
+            "cloud_ingest_consumer_node",
+            "1 for the Ray node each consumer actor runs on",
+            ["consumer", "node_id", "node_ip"],
+            registry=r,
+        )
         self.totals = _Totals()
         r.register(self.totals)
+
+    def placed(self, where: dict[str, dict[str, str]]) -> None:
+        """Each answering actor's node (a restarted actor's old node disappears)."""
+        self.node.clear()
+        for consumer, place in sorted(where.items()):
+            self.node.labels(consumer, place["node_id"], place["node_ip"]).set(1)
 
     def update(self, queue: QueueStatus | None, stats: list[dict[str, Any]], restarts: int) -> None:
         if queue is not None:

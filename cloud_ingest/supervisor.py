@@ -3,7 +3,9 @@
 Ray restarts a dead actor (``max_restarts=-1``; the constructor reruns) and the
 supervisor calls ``run()`` on it again; with the same consumer name it drains
 its predecessor's pending entries first. Task retries stay off
-(``max_task_retries=0``) so the queue alone decides what is redelivered.
+(``max_task_retries=0``) so the queue alone decides what is redelivered. The actors are
+detached and spread over the nodes; a driver started again adopts the ones it finds
+(``cloud_ingest.placement``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from typing import Any
 import ray
 import redis.asyncio as aioredis
 import structlog
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorAlreadyExistsError, RayActorError
 from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.consumer import Consumer, drain_budget_s
 from cloud_ingest.metrics import IngestMetrics
+from cloud_ingest.placement import NAMESPACE, actor_name, fingerprint, our_actors
 from cloud_ingest.totals import read_totals
 from shared.backoff import Backoff
 from shared.http import serve
@@ -36,7 +39,7 @@ log = structlog.get_logger("cloud_ingest")
 
 
 async def prepare_queue(settings: IngestSettings) -> None:
-    client = connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
+    client = connect(settings, settings.redis_timeout_s)
     try:
         await ensure_group(client, settings.stream, settings.group)
     finally:
@@ -53,6 +56,8 @@ class Supervisor:
     WAIT_S = 1.0  # longest the loop waits before looking at the stop flag again
     HEALTHY_RUN_S = 30.0  # a run this long before it ended restarts its back-off
     RAY_LATENCY_S = 5.0  # on top of the actors' own drain: stop() and run()'s reply via Ray
+    ADOPT_TIMEOUT_S = 30.0  # an actor left running that does not answer in this is replaced
+    NAME_RELEASE_S = 30.0  # a killed actor's name is free again within this
 
     def __init__(self, settings: IngestSettings, consumer_class: type[Consumer] = Consumer) -> None:
         self.settings = settings
@@ -61,6 +66,9 @@ class Supervisor:
         self.runs: dict[Any, tuple[int, float]] = {}  # run ref -> (index, started)
         self.restart_at: dict[int, float] = {}  # index -> when its next run starts
         self.restarts = 0
+        self.adopted = 0
+        self.fingerprint = fingerprint(consumer_class, settings)
+        self.gone: set[int] = set()  # actors whose handle may be dead for good
         self.totals: Counter[str] = Counter()
         self.stopping = threading.Event()
         self.backoff: dict[int, Backoff] = {}
@@ -69,28 +77,83 @@ class Supervisor:
         return f"consumer-{index}"
 
     def start(self, index: int) -> None:
-        actor_cls = ray.remote(self.consumer_class)
-        actor: Any = actor_cls.options(
-            name=f"{self.settings.group}-{self.consumer_name(index)}",
-            namespace="cloud_ingest",
-            num_cpus=self.settings.actor_cpus,
-            max_restarts=-1,
-            max_task_retries=0,
-            max_concurrency=64,
-        ).remote(self.settings, self.consumer_name(index))
-        self.actors[index] = actor
+        self.actors[index] = self._adopt(index) or self._create(index)
         self._run(index)
+
+    def _adopt(self, index: int) -> Any | None:
+        """The detached actor a previous driver left running under this name, if it was
+        built from the same code and settings; any other is retired first."""
+        name = actor_name(self.settings.group, index)
+        try:
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return None
+        try:
+            theirs: Any = ray.get(actor.fingerprint.remote(), timeout=self.ADOPT_TIMEOUT_S)
+        except Exception as exc:  # dead, wedged, or from a release without fingerprints
+            log.warning("consumer.unadoptable", consumer=name, error=str(exc)[:300])
+            ray.kill(actor, no_restart=True)
+            return None
+        if theirs == self.fingerprint:
+            log.info("consumer.adopted", consumer=name)
+            self.adopted += 1
+            return actor
+        log.info("consumer.replacing", consumer=name, reason="other code or settings")
+        self._retire(actor, name)
+        return None
+
+    def _retire(self, actor: Any, name: str) -> None:
+        """Stop an actor, wait for its drain (bounded), then kill it: its entries are
+        acknowledged or left pending for whoever takes its name."""
+        budget = drain_budget_s(self.settings) + self.RAY_LATENCY_S
+        try:
+            self.totals.update(ray.get(actor.retire.remote(), timeout=budget))
+        except Exception as exc:  # dead, or the drain overran: its entries stay pending
+            log.warning("consumer.retire_incomplete", consumer=name, error=str(exc)[:300])
+        ray.kill(actor, no_restart=True)
+        log.info("consumer.retired", consumer=name)
+
+    def _create(self, index: int) -> Any:
+        actor_cls = ray.remote(self.consumer_class)
+        name = actor_name(self.settings.group, index)
+        deadline = time.monotonic() + self.NAME_RELEASE_S
+        while True:
+            try:
+                return actor_cls.options(
+                    name=name,
+                    namespace=NAMESPACE,
+                    lifetime="detached",  # outlives this driver: a new one adopts it
+                    scheduling_strategy="SPREAD",
+                    num_cpus=self.settings.actor_cpus,
+                    max_restarts=-1,
+                    max_task_retries=0,
+                    max_concurrency=64,
+                ).remote(self.settings, self.consumer_name(index), self.fingerprint)
+            except ActorAlreadyExistsError:  # a killed actor's name is released asynchronously
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def retire_extra(self) -> None:
+        """Actors a previous deployment ran beyond INGEST_CONSUMERS (a scale-down)."""
+        for index, name in sorted(our_actors(self.settings.group).items()):
+            if index >= self.settings.consumers:
+                with contextlib.suppress(ValueError):
+                    self._retire(ray.get_actor(name, namespace=NAMESPACE), name)
 
     def _run(self, index: int) -> None:
         self.runs[self.actors[index].run.remote()] = (index, time.monotonic())
 
     def serve(self) -> int:
+        self.retire_extra()
         for i in range(self.settings.consumers):
+            if self.stopping.is_set():  # SIGTERM while adopting or replacing
+                break
             self.start(i)
         unbound = sorted(k for k, e in self.settings.keyring.items() if e.device_id is None)
         if unbound:  # allowed (development, migration) but any such key speaks for any device
             log.warning("keyring.unbound_keys", key_ids=unbound)
-        log.info("deployment.started", consumers=self.settings.consumers)
+        log.info("deployment.started", consumers=self.settings.consumers, adopted=self.adopted)
         while not self.stopping.is_set():
             self._restart_due()
             wait = self._wait_s()
@@ -112,7 +175,21 @@ class Supervisor:
             if at <= now:
                 del self.restart_at[index]
                 self.restarts += 1
+                if index in self.gone:
+                    self._look_up(index)
                 self._run(index)
+
+    def _look_up(self, index: int) -> None:
+        """After an actor died: Ray restarts it under the same handle, but one killed for
+        good (``ray.kill``, its restarts spent) is gone and its name free: create it again."""
+        self.gone.discard(index)
+        try:
+            self.actors[index] = ray.get_actor(
+                actor_name(self.settings.group, index), namespace=NAMESPACE
+            )
+        except ValueError:
+            log.warning("consumer.recreated", consumer=self.consumer_name(index))
+            self.actors[index] = self._create(index)
 
     def _reap(self, ref: Any) -> None:
         """A run ended: schedule the next one, after a back-off unless it ran for a while
@@ -127,6 +204,7 @@ class Supervisor:
             self.totals.update(ray.get(ref))
             log.warning("consumer.exited", consumer=name, restart_in_s=round(delay, 2))
         except RayActorError as exc:
+            self.gone.add(index)
             log.warning(
                 "consumer.died", consumer=name, error=str(exc)[:300], restart_in_s=round(delay, 2)
             )
@@ -159,6 +237,9 @@ class Supervisor:
                     failed.append(self.consumer_name(index))
                     log.warning("consumer.died_during_drain", error=str(exc)[:300])
         unfinished = sorted(self.consumer_name(i) for i, _ in self.runs.values())
+        for actor in self.actors.values():  # detached: they would outlive a clean stop
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
         log.info(
             "deployment.stopped", restarts=self.restarts, unfinished=len(unfinished), **self.totals
         )
@@ -241,9 +322,7 @@ class Observer:
             ready,
             token=None if token is None else token.get_secret_value(),
         )
-        self.redis = aioredis.from_url(
-            self.settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3
-        )
+        self.redis: aioredis.Redis = connect(self.settings, 3.0)
         self.tasks = TaskSupervisor(log)
         self.tasks.start("observer", self._observe)
 
@@ -260,11 +339,20 @@ class Observer:
             self.ready["redis"] = True
         except RedisError:
             self.ready["redis"] = False  # counters keep their last values
+        actors = list(self.supervisor.actors.items())  # the supervisor thread changes it
         answers = await asyncio.gather(
-            *(asyncio.wait_for(a.stats.remote(), 2) for a in list(self.supervisor.actors.values())),
+            *(asyncio.wait_for(a.stats.remote(), 2) for _, a in actors),
             return_exceptions=True,
         )
         stats = [s for s in answers if isinstance(s, dict)]  # others: restarting or dead
+        places = await asyncio.gather(
+            *(asyncio.wait_for(a.where.remote(), 2) for _, a in actors),
+            return_exceptions=True,
+        )
+        names = [self.supervisor.consumer_name(i) for i, _ in actors]
+        self.metrics.placed(
+            {n: p for n, p in zip(names, places, strict=True) if isinstance(p, dict)}
+        )
         self.ready["consumers"] = any(not s.get("paused") for s in stats)
         self.metrics.update(queue, stats, self.supervisor.restarts)
         self.refreshed = time.monotonic()
@@ -272,9 +360,7 @@ class Observer:
 
 def run(settings: IngestSettings) -> int:
     asyncio.run(prepare_queue(settings))
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None, namespace="cloud_ingest", log_to_driver=True
-    )
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, namespace=NAMESPACE, log_to_driver=True)
     supervisor = Supervisor(settings)
 
     def on_signal(signum: int, _frame: Any) -> None:

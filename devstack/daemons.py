@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,5 +68,69 @@ def edge_agent(env: dict[str, str], log: Path) -> Daemon:
     return Daemon([str(BIN / "edge-agent"), "run"], env, log)
 
 
-def cloud_ingest(env: dict[str, str], log: Path) -> Daemon:
-    return Daemon([str(BIN / "cloud-ingest"), "run"], env, log)
+class CloudIngest(Daemon):
+    """``cloud-ingest run``. Its consumer actors are detached: a driver killed with SIGKILL
+    leaves them running for the next driver to adopt (as in production). ``kill()`` is also
+    the clean-up after a test, so after anything but a clean exit it removes them too
+    (through this process's Ray connection, or a short-lived driver of its own);
+    ``crash()`` is the kill alone."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        super().__init__([str(BIN / "cloud-ingest"), "run"], env, log)
+        self.env = env
+
+    def crash(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def kill(self) -> None:
+        crashed = self.proc.poll() != 0  # a clean exit killed its actors itself
+        super().kill()
+        address = self.env.get("RAY_ADDRESS")
+        if not crashed or not address:
+            return
+        import ray
+
+        group = self.env.get("INGEST_GROUP", "ingest")
+        if ray.is_initialized() and ray.get_runtime_context().gcs_address == address:
+            _kill_consumers(group)
+            return
+        # From a driver of our own: this process is connected to another cluster, or none.
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a cluster past saving
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    _KILL_CONSUMERS,
+                    address,
+                    group,
+                ],
+                env=self.env,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+
+
+def _kill_consumers(group: str) -> None:
+    import ray
+
+    from cloud_ingest.placement import NAMESPACE, our_actors
+
+    for name in our_actors(group).values():
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # gone meanwhile
+            continue
+
+
+_KILL_CONSUMERS = """
+import sys, ray
+from devstack.daemons import _kill_consumers
+ray.init(address=sys.argv[1], log_to_driver=False)
+_kill_consumers(sys.argv[2])
+"""
+
+
+def cloud_ingest(env: dict[str, str], log: Path) -> CloudIngest:
+    return CloudIngest(env, log)

@@ -130,6 +130,11 @@ def consumer_totals_key(group: str, consumer: str) -> str:
     return f"ingest:totals:{group}:{consumer}"
 
 
+def whereabouts_key(group: str) -> str:
+    """Hash: consumer name -> JSON of the Ray node and PID it runs on, and when it said so."""
+    return f"ingest:whereabouts:{group}"
+
+
 def consumers_key(group: str) -> str:
     """The consumers of ``group`` that ever kept totals (a set), for the metrics observer."""
     return f"ingest:consumers:{group}"

@@ -60,6 +60,7 @@ def ray_cluster() -> Iterator[tuple[str, str]]:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     port = free_port()
     context = ray.init(
+        address="local",  # always a cluster of its own, never one already running here
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
