@@ -130,6 +130,8 @@ class Handoff:
         self._stale_first = False
         self.jobs = TimeLimitedThread(settings.job_api_timeout_s)
         self._swept_at = 0.0  # when finished jobs were last looked for
+        # A hung sweep holds only its own thread, never the submissions' or status checks'.
+        self.sweeper = TimeLimitedThread(settings.job_api_timeout_s)
 
     async def setup(self) -> None:
         await ensure_group(self.client, handoff_stream(self.settings.stream), HANDOFF_GROUP)
@@ -172,7 +174,7 @@ class Handoff:
             return
         self._swept_at = time.monotonic()
         try:
-            old = await self.jobs.call(
+            old = await self.sweeper.call(
                 self._finished_before, time.time() - self.settings.job_keep_s
             )
             if not old:
@@ -182,7 +184,7 @@ class Handoff:
                 j for j, st in zip(old, states, strict=True) if st and st.decode() in TERMINAL
             ]
             if recorded:
-                await self.jobs.call(self._delete_jobs, recorded[:JOB_SWEEP_MAX])
+                await self.sweeper.call(self._delete_jobs, recorded[:JOB_SWEEP_MAX])
                 log.info(
                     "handoff.jobs_deleted", count=len(recorded[:JOB_SWEEP_MAX]), left=len(recorded)
                 )
