@@ -358,9 +358,31 @@ class Observer:
         self.refreshed = time.monotonic()
 
 
+RAY_CONNECT_S = 120.0  # a cluster not reachable for this long: exit non-zero (restarted)
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster. Through Ray Client a connection right after another client died
+    can be refused once ("Starting Ray client server failed"); a head restarting refuses
+    for a while: retried with back-off, bounded."""
+    backoff = Backoff(1.0, 10.0)
+    deadline = time.monotonic() + RAY_CONNECT_S
+    while True:
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+            return
+        except ConnectionError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            delay = backoff.next()
+            log.warning("ray.connect_failed", error=str(exc)[:500], retry_in_s=round(delay, 2))
+            ray.shutdown()
+            time.sleep(delay)
+
+
 def run(settings: IngestSettings) -> int:
     asyncio.run(prepare_queue(settings))
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, namespace=NAMESPACE, log_to_driver=True)
+    connect_ray(os.environ.get("RAY_ADDRESS") or None)
     supervisor = Supervisor(settings)
 
     def on_signal(signum: int, _frame: Any) -> None:

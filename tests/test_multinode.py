@@ -45,6 +45,7 @@ class MultiNode:
     cluster: Any
     gcs_redis: RedisServer
     dashboard: str
+    client: str  # Ray Client address (ray://), what a driver in a pod of its own uses
 
     @property
     def address(self) -> str:
@@ -64,7 +65,7 @@ def multinode(session_dir: Any) -> Iterator[MultiNode]:
 
     gcs_redis = RedisServer(session_dir / "gcs-redis")
     gcs_redis.start()
-    dashboard_port = free_port()
+    dashboard_port, client_port = free_port(), free_port()
     bootstrap = Path(get_ray_address_file(None))
     current = bootstrap.read_text() if bootstrap.exists() else None
     cluster = Cluster(
@@ -77,6 +78,7 @@ def multinode(session_dir: Any) -> Iterator[MultiNode]:
             "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port,
             "dashboard_agent_listen_port": free_port(),  # the session's Ray holds the default
+            "ray_client_server_port": client_port,  # Ray Client, as the KubeRay Deployment uses
             "_system_config": {
                 # A dead node is declared dead in about 3 s instead of 15 s.
                 "health_check_period_ms": 1000,
@@ -95,7 +97,12 @@ def multinode(session_dir: Any) -> Iterator[MultiNode]:
             bootstrap.unlink(missing_ok=True)
         else:
             bootstrap.write_text(current)
-        yield MultiNode(cluster, gcs_redis, f"http://127.0.0.1:{dashboard_port}")
+        yield MultiNode(
+            cluster,
+            gcs_redis,
+            f"http://127.0.0.1:{dashboard_port}",
+            f"ray://127.0.0.1:{client_port}",
+        )
     finally:
         cluster.shutdown()
         gcs_redis.stop()
@@ -255,8 +262,9 @@ async def test_multinode_a_driver_killed_and_started_again_adopts_its_consumers(
     """`cloud-ingest run` is SIGKILLed mid-run. Its detached consumers keep draining with
     no driver at all; a new driver with the same settings adopts them (same processes),
     and every chunk is processed exactly once (no second drain loop beside the first).
-    A driver with other settings replaces them instead (drained, then new processes)."""
-    stack = on_cluster(stack, multinode)
+    A driver with other settings replaces them instead (drained, then new processes).
+    The drivers connect through Ray Client (``ray://``), as the KubeRay Deployment does."""
+    stack = replace(stack, ray_address=multinode.client)
     await send_all(edge, chunks, range(N))
     first = deployment(stack, "first")
     second = third = None
