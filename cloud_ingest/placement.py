@@ -24,6 +24,7 @@ from shared.settings import secret_values
 
 NAMESPACE = "cloud_ingest"
 WHEREABOUTS_PERIOD_S = 10.0  # how often a consumer says where it runs
+DRIVER_ONLY = ("consumers", "http_bind", "http_token")  # settings no actor reads
 
 
 def actor_name(group: str, index: int) -> str:
@@ -40,13 +41,16 @@ def fingerprint(consumer_class: type, settings: IngestSettings) -> str:
     """The code (every source file of ours, so a code-only release is not adopted), the
     consumer class and every setting (secrets included, hashed). Computed by the driver
     and handed to the actor, which returns it as given."""
+    # What only the driver uses does not count: scaling INGEST_CONSUMERS or moving the
+    # health endpoint adopts the actors that stay.
+    theirs = settings.model_copy(update=dict.fromkeys(DRIVER_ONLY))
     digest = hashlib.sha256()
     for path in _sources():
         digest.update(path.read_bytes() + b"\0")
     for part in (
         f"{consumer_class.__module__}.{consumer_class.__qualname__}",
-        settings.model_dump_json(),
-        *secret_values(settings),
+        theirs.model_dump_json(),
+        *secret_values(theirs),
     ):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()

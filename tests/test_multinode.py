@@ -260,10 +260,12 @@ async def test_multinode_a_driver_killed_and_started_again_adopts_its_consumers(
     stack: Stack, s3: S3, edge: Edge, chunks: list[ClosedChunk], multinode: MultiNode
 ) -> None:
     """`cloud-ingest run` is SIGKILLed mid-run. Its detached consumers keep draining with
-    no driver at all; a new driver with the same settings adopts them (same processes),
+    no driver at all; a new driver with the same settings, scaled up to 3 consumers,
+    adopts the two (same processes; INGEST_CONSUMERS is the driver's alone) and adds one,
     and every chunk is processed exactly once (no second drain loop beside the first).
-    A driver with other settings replaces them instead (drained, then new processes).
-    The drivers connect through Ray Client (``ray://``), as the KubeRay Deployment does."""
+    A driver with other settings, scaled down to 1, retires the extra two and replaces
+    the first (drained, then a new process). The drivers connect through Ray Client
+    (``ray://``), as the KubeRay Deployment does."""
     stack = replace(stack, ray_address=multinode.client)
     await send_all(edge, chunks, range(N))
     first = deployment(stack, "first")
@@ -287,25 +289,33 @@ async def test_multinode_a_driver_killed_and_started_again_adopts_its_consumers(
 
         await eventually(more_done, 60, "the orphaned consumers to keep draining")
         without_driver = len(await records(s3, stack)) - at_crash
-        second = deployment(stack, "second")
+        second = deployment(stack, "second", INGEST_CONSUMERS="3")
 
         async def adopted() -> bool:
             return len(second.events("consumer.adopted")) == 2
 
         await eventually(adopted, 120, "the new driver to adopt both consumers")
         await eventually(all_settled(stack, s3), 180, "every chunk processed")
-        assert {n: w["pid"] for n, w in (await where(edge.redis)).items()} == pids
+
+        async def added() -> bool:
+            return "consumer-2" in await where(edge.redis)
+
+        await eventually(added, 60, "the third consumer to start")
+        now = await where(edge.redis)
+        assert {n: now[n]["pid"] for n in pids} == pids
         counts, _ = await read_totals(edge.redis, "ingest")
         second.crash()
-        third = deployment(stack, "third", INGEST_BATCH_SIZE="3")  # other settings
+        third = deployment(stack, "third", INGEST_CONSUMERS="1", INGEST_BATCH_SIZE="3")
 
         async def replaced() -> bool:
             now = await where(edge.redis)
-            return len(third.events("consumer.replacing")) == 2 and all(
-                now[n]["pid"] != pids[n] for n in pids
+            return (
+                len(third.events("consumer.retired")) == 3  # 1 and 2, then 0 before its new one
+                and len(third.events("consumer.replacing")) == 1
+                and now["consumer-0"]["pid"] != pids["consumer-0"]
             )
 
-        await eventually(replaced, 180, "the third driver to replace both consumers")
+        await eventually(replaced, 180, "the third driver to retire two and replace one")
         assert third.terminate() == 0
     finally:
         for d in (first, second, third):
