@@ -48,6 +48,8 @@ class CameraWorker:
         self.stop = stop
         self.tmp_dir = tmp_dir
         self.up = False  # delivering packets on a live connection (set by its own thread)
+        # What the next connection's first chunk declares as the cause of its gap.
+        self._next_cause = "agent_restart"
         self.breaker = Breaker(
             settings.breaker_threshold,
             1.0,
@@ -67,6 +69,8 @@ class CameraWorker:
                 delay = self.breaker.failure()  # a live stream ended: reconnect
                 log.warning("camera.ended", retry_in_s=round(delay, 2))
             except CAPTURE_ERRORS as exc:
+                if isinstance(exc, ParameterChangeError):
+                    self._gap_cause("parameter_change")
                 delay = self._failed(exc)
             except Exception as exc:  # a bug must not stop this camera for good, nor the others
                 log.exception("camera.crashed")
@@ -78,6 +82,12 @@ class CameraWorker:
             if self.stop.wait(delay):
                 return
             self.metrics.reconnects.labels(self.cam.id).inc()
+
+    def _gap_cause(self, cause: str) -> None:
+        """Note why footage stopped, unless an earlier cause of the same gap is noted: the
+        agent's own start, or the camera's outage, outranks what happened after it."""
+        if self._next_cause == "reconnect":
+            self._next_cause = cause
 
     def _failed(self, exc: BaseException) -> float:
         self.metrics.camera_errors.labels(self.cam.id).inc()
@@ -96,9 +106,13 @@ class CameraWorker:
     def _capture(self) -> bool:
         """One connection's worth of capture. True when a non-looping replay ended."""
         s = self.settings
-        source = Source(
-            self.cam.url, self.stop, open_timeout_s=s.camera_timeout_s, watchdog_s=s.watchdog_s
-        )
+        try:
+            source = Source(
+                self.cam.url, self.stop, open_timeout_s=s.camera_timeout_s, watchdog_s=s.watchdog_s
+            )
+        except CameraError:
+            self._gap_cause("camera_outage")  # could not even connect: the camera is out
+            raise
         try:
             self.capture_from(source)
         finally:
@@ -117,7 +131,9 @@ class CameraWorker:
             self.settings.segment_seconds,
             self.on_chunk,
             None if self.room is None else self._room,
+            self._next_cause,
         )
+        self._next_cause = "reconnect"  # unless something else is noted before the next one
         repair = TimestampRepair(
             source.time_base,
             segmenter.frame_ticks,

@@ -91,6 +91,7 @@ class Committer:
         del self._recorded[chunk.path]
         self._failures.pop(chunk.path, None)
         self.metrics.written.labels(chunk.camera_id).inc()
+        self.metrics.footage(manifest)
         self.progress.moved("commit")
         assert self.committed is not None
         self.committed.put_nowait(manifest.chunk_id)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.spool import RESERVED_DIRS
-from shared.manifest import Bucket, Ident
+from shared.manifest import SCHEMA_VERSION, Bucket, Ident
 from shared.redis_client import RedisConnection
 from shared.settings import secret_from_file
 
@@ -70,6 +70,9 @@ class EdgeSettings(RedisConnection, BaseSettings):
     redis_min_replicas: int = Field(default=0, ge=0, le=100)
     redis_min_replicas_timeout_s: float = Field(default=1.0, gt=0, le=60)
     stream: str = Field(default="chunks", min_length=1, max_length=200)
+    # The manifest schema this agent writes: pin 1 while some consumer still reads only
+    # version 1 (a version 1 manifest declares gaps without their cause).
+    manifest_schema_version: Literal[1, 2] = SCHEMA_VERSION
     signing_key_id: Ident = "edge"
     signing_key: SecretStr | None = None
     signing_key_file: Path | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from shared.manifest import Manifest, wall_span
+
 
 class EdgeMetrics:
     def __init__(self) -> None:
@@ -49,6 +51,21 @@ class EdgeMetrics:
         )
         self.written = Counter(
             "edge_agent_chunks_written", "Chunks closed and committed to the spool", cam, registry=r
+        )
+        # Together they tile each camera's timeline (wall clock): coverage is
+        # media / (media + gap), and the coverage audit counts the very same seconds.
+        self.media_seconds = Counter(
+            "edge_agent_media_seconds",
+            "Seconds of footage captured and committed to the spool (wall clock)",
+            cam,
+            registry=r,
+        )
+        self.gap_seconds = Counter(
+            "edge_agent_gap_seconds",
+            "Seconds of a camera's timeline declared lost, by cause (eviction: counted when "
+            "the spool drops a chunk; the rest when the chunk after the gap is committed)",
+            [*cam, "cause"],
+            registry=r,
         )
         self.uploaded = Counter(
             "edge_agent_chunks_uploaded", "Chunks uploaded to S3", cam, registry=r
@@ -137,3 +154,10 @@ class EdgeMetrics:
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+
+    def footage(self, m: Manifest) -> None:
+        """A committed chunk: its seconds, and the gap its manifest declares before it."""
+        self.media_seconds.labels(m.camera_id).inc(wall_span(m))
+        if m.discontinuity and m.gap_before_s > 0:
+            cause = m.gap_cause or "unspecified"  # a version 1 manifest names none
+            self.gap_seconds.labels(m.camera_id, cause).inc(m.gap_before_s)

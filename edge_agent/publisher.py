@@ -35,22 +35,34 @@ CONTIGUITY_TOLERANCE_S = 0.5
 
 def gap_before(chunk: ClosedChunk, prev: Position) -> float | None:
     """Seconds missing before this chunk, or None when it is contiguous (or the first)."""
+    wall = None if prev.wall_end is None else (chunk.wall_start - prev.wall_end).total_seconds()
     if chunk.session_start:
         # New connection: media clocks restart, so only wall time can measure the gap.
-        if prev.wall_end is None:
-            return None
-        return max(0.0, (chunk.wall_start - prev.wall_end).total_seconds())
+        return None if wall is None else max(0.0, wall)
     if prev.media_end_s is None:
         return None
-    gap = chunk.media_start_s - prev.media_end_s
-    return gap if abs(gap) > CONTIGUITY_TOLERANCE_S else None
+    media = chunk.media_start_s - prev.media_end_s
+    # Within a connection chunks are cut at one instant, so any wall time between them
+    # is footage not kept (no disk space); a media jump is the camera's clock.
+    if abs(media) > CONTIGUITY_TOLERANCE_S or (wall or 0.0) > CONTIGUITY_TOLERANCE_S:
+        return max(0.0, media, wall or 0.0)
+    return None
+
+
+def gap_cause(chunk: ClosedChunk) -> str:
+    """What the gap before ``chunk`` is put down to (a ``GapCause``)."""
+    if chunk.cause is not None:
+        return chunk.cause
+    return "reconnect" if chunk.session_start else "clock_jump"
 
 
 def build_manifest(
     settings: EdgeSettings, chunk: ClosedChunk, seq: int, prev: Position
 ) -> Manifest:
     gap = gap_before(chunk, prev)
+    v2 = settings.manifest_schema_version >= 2
     return Manifest(
+        schema_version=settings.manifest_schema_version,
         chunk_id=derive_chunk_id(settings.device_id, chunk.camera_id, seq, chunk.sha256),
         device_id=settings.device_id,
         site_id=settings.site_id,
@@ -74,20 +86,24 @@ def build_manifest(
         gap_before_s=max(0.0, gap or 0.0),
         agent_version=__version__,
         clock_drift_s=chunk.clock_drift_s,
+        gap_cause=gap_cause(chunk) if v2 and gap is not None else None,
     )
 
 
 def with_evictions(manifest: Manifest, gap_s: float, count: int) -> Manifest:
-    """Fold chunks evicted just before this one into its gap (derived at announce time)."""
+    """Fold chunks evicted just before this one into its gap (derived at announce time):
+    the whole gap is then put down to the eviction."""
     if count == 0:
         return manifest
-    return manifest.model_copy(
-        update={
-            "discontinuity": True,
-            "gap_before_s": manifest.gap_before_s + gap_s,
-            "evicted_before": count,
-        }
-    )
+    update: dict[str, Any] = {
+        "discontinuity": True,
+        "gap_before_s": manifest.gap_before_s + gap_s,
+        "evicted_before": count,
+    }
+    if manifest.schema_version >= 2:
+        update["gap_cause"] = "eviction"
+    # model_copy does not validate: build it anew so the model's rules still hold.
+    return Manifest.model_validate({**manifest.model_dump(), **update})
 
 
 async def announce(

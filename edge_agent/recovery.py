@@ -214,4 +214,5 @@ def _chunk(path: Path, camera_id: str, wall_start: datetime, facts: _Facts) -> C
         wall_start=wall_start,
         wall_end=wall_start + timedelta(seconds=float((facts.end - facts.start) * tb)),
         session_start=True,
+        cause="agent_restart",  # the rest of its session died with the agent
     )

@@ -44,6 +44,9 @@ class ClosedChunk:
     wall_end: datetime
     session_start: bool  # first chunk since the camera (re)connected
     clock_drift_s: float = 0.0  # wall time minus media time elapsed since the connection began
+    # Why this chunk does not follow on from the one before, if it does not (a GapCause:
+    # the connection's cause for a session's first chunk, else what cut the timeline).
+    cause: str | None = None
 
 
 class ParameterChangeError(ValueError):
@@ -86,8 +89,10 @@ class _Writer:
         time_base: Fraction,
         wall_start: datetime,
         params: StreamParams | None,
+        cause: str | None,
     ) -> None:
         self.path = path
+        self.cause = cause
         self.container: Any = av.open(str(path), "w", format="mp4", options=FMP4_OPTIONS)
         try:
             self.out = self.container.add_stream_from_template(template)
@@ -130,8 +135,12 @@ class Segmenter:
         segment_s: float,
         on_chunk: Callable[[ClosedChunk], None],
         room: Callable[[], bool] | None = None,
+        cause: str | None = None,
     ) -> None:
         self.camera_id = camera_id
+        # Why the next chunk may not follow on from the last: this connection's cause
+        # first, then whatever cuts the timeline (a jump, new parameters, no disk space).
+        self.cause = cause
         self.room = room  # may a new chunk file be opened (is there disk space)?
         self.stream = stream
         self.tmp_dir = tmp_dir
@@ -154,12 +163,19 @@ class Segmenter:
     def feed(self, pkt: Any, reset: bool = False) -> None:
         """Add a packet (with a DTS). ``reset``: the timeline jumped; close the chunk here."""
         changed = self._param_change(pkt) if pkt.is_keyframe else None
-        reset = reset or changed is not None
+        if reset or changed is not None:
+            self.cause = self.cause or ("parameter_change" if changed else "clock_jump")
         w = self.writer
+        now = None
         if w is not None and (
-            reset or (pkt.is_keyframe and pkt.dts - w.base >= self.segment_ticks)
+            reset
+            or changed is not None
+            or (pkt.is_keyframe and pkt.dts - w.base >= self.segment_ticks)
         ):
-            self.flush()
+            # One instant ends this chunk and starts the next: on the wall clock a camera's
+            # chunks then tile its timeline with no sliver between them to explain.
+            now = datetime.now(UTC)
+            self.flush(now)
             w = None
         if changed is not None:
             self.params = changed  # after the flush: the closed chunk keeps its own size
@@ -167,17 +183,21 @@ class Segmenter:
             if not pkt.is_keyframe or not self._has_room():
                 self.skipped += 1
                 return
-            now = datetime.now(UTC)
+            now = now or datetime.now(UTC)
             if self.origin is None:
                 self.origin = (now, pkt.dts)
             path = self.tmp_dir / partial_name(self.camera_id, now)
-            w = self.writer = _Writer(path, self.stream, pkt, self.time_base, now, self.params)
+            w = self.writer = _Writer(
+                path, self.stream, pkt, self.time_base, now, self.params, self.cause
+            )
+            self.cause = None
         w.write(pkt, self.frame_ticks)
 
     def _has_room(self) -> bool:
         if self.room is None or self.room():
             return True
         self.refused += 1
+        self.cause = self.cause or "eviction"  # the spool's limits: footage not kept
         return False
 
     def _param_change(self, pkt: Any) -> StreamParams | None:
@@ -201,8 +221,9 @@ class Segmenter:
         media = float((w.end - self.origin[1]) * self.time_base)
         return round(wall - media, 3)
 
-    def flush(self) -> None:
-        """Close the open chunk (if any) and hand it on."""
+    def flush(self, wall_end: datetime | None = None) -> None:
+        """Close the open chunk (if any), ending it at ``wall_end`` (now by default), and
+        hand it on."""
         w, self.writer = self.writer, None
         if w is None:
             return
@@ -212,7 +233,7 @@ class Segmenter:
         width, height = (
             (self.params.width, self.params.height) if self.params else (ctx.width, ctx.height)
         )
-        wall_end = datetime.now(UTC)
+        wall_end = wall_end or datetime.now(UTC)
         chunk = ClosedChunk(
             camera_id=self.camera_id,
             path=w.path,
@@ -229,6 +250,7 @@ class Segmenter:
             wall_end=wall_end,
             session_start=self.session_start,
             clock_drift_s=self._drift(w, wall_end),
+            cause=w.cause,
         )
         self.session_start = False
         self.on_chunk(chunk)

@@ -47,6 +47,7 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.spool import UNFINISHED, Freed, Limits, Pruned, Recovered, Spool
 from shared import logs, systemd
 from shared.http import serve
+from shared.manifest import wall_span
 from shared.queue import connect
 from shared.s3 import open_s3
 from shared.tasks import Supervisor
@@ -401,6 +402,7 @@ class EdgeService:
         for rec in freed.evicted:
             m = rec.manifest
             self.metrics.evicted.labels(m.camera_id).inc()
+            self.metrics.gap_seconds.labels(m.camera_id, "eviction").inc(wall_span(m))
             logs.chunk_line(
                 log.warning,
                 "evicted",

@@ -33,7 +33,7 @@ from typing import Literal
 from edge_agent.durable import fsync_and_hash, fsync_dir
 from edge_agent.recovery import salvage
 from edge_agent.segmenter import ClosedChunk
-from shared.manifest import Manifest
+from shared.manifest import Manifest, wall_span
 
 WRITTEN, UPLOADED, ANNOUNCED = "written", "uploaded", "announced"
 EVICTED, LOST = "evicted", "lost"
@@ -160,7 +160,9 @@ def _tombstone(m: Manifest) -> str:
     """What an evicted or lost row keeps of its manifest: enough to declare the gap (a
     tenth of the whole manifest; during a long outage such rows pile up by the thousand)."""
     doc = {"chunk_id": m.chunk_id, "camera_id": m.camera_id, "seq": m.seq}
-    doc["span_s"] = m.media_duration_s + m.gap_before_s
+    # Wall time: on the wall clock a camera's chunks and declared gaps tile its timeline,
+    # so the gap declared for a run of evictions ends exactly where the next chunk starts.
+    doc["span_s"] = wall_span(m) + m.gap_before_s
     return json.dumps(doc)
 
 

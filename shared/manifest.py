@@ -13,11 +13,20 @@ import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[2] = 2  # what this version writes; it reads every one of KNOWN_VERSIONS
+KNOWN_VERSIONS = (1, 2)
 MAX_MANIFEST_BYTES = 16 * 1024
 SIGNATURE_ALG = "HMAC-SHA256"
 
@@ -44,13 +53,28 @@ class Rejected(Exception):
         return (Rejected, (self.reason, self.detail))
 
 
+# Why the footage before a chunk is missing (contract, schema version 2): the camera's
+# stream dropped and came back, the agent restarted, the spool evicted chunks (or had no
+# room to write them), the camera could not be reached, its timestamps jumped, or its
+# stream parameters changed.
+GapCause = Literal[
+    "reconnect", "agent_restart", "eviction", "camera_outage", "clock_jump", "parameter_change"
+]
+GAP_CAUSES: tuple[str, ...] = get_args(GapCause)
+V2_FIELDS = frozenset({"gap_cause"})  # what a version 1 manifest cannot carry
+
+
 class Manifest(BaseModel):
-    """One chunk of one camera, as announced by the edge after its upload was confirmed."""
+    """One chunk of one camera, as announced by the edge after its upload was confirmed.
+
+    Every known schema version parses into this model; fields a version does not have
+    keep their default and are left out of its canonical form, so a version 1 manifest
+    round-trips to the very bytes its edge signed."""
 
     # NaN and Infinity are not JSON, though json.loads accepts them: refuse them here.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     chunk_id: ChunkId
     device_id: Ident
     site_id: Ident
@@ -77,6 +101,22 @@ class Manifest(BaseModel):
     clock_drift_s: float = 0.0
     # Chunks of this camera dropped from the spool (disk limits) right before this one.
     evicted_before: int = Field(default=0, ge=0)
+    # Version 2: why the gap before this chunk is there; set exactly when discontinuity is.
+    gap_cause: GapCause | None = None
+
+    @model_validator(mode="after")
+    def _cause_matches_version(self) -> Manifest:
+        if self.schema_version == 1:
+            if self.gap_cause is not None:
+                raise ValueError("gap_cause needs schema_version 2")
+        elif self.discontinuity != (self.gap_cause is not None):
+            raise ValueError("gap_cause is set exactly when discontinuity is true")
+        return self
+
+
+def wall_span(m: Manifest) -> float:
+    """Seconds of the camera's timeline the chunk covers, on the edge's wall clock."""
+    return max(0.0, (m.end_time - m.start_time).total_seconds())
 
 
 class Signature(BaseModel):
@@ -128,6 +168,9 @@ def derive_chunk_id(device_id: str, camera_id: str, seq: int, sha256: str) -> st
 def canonical_bytes(manifest: Manifest) -> bytes:
     """Deterministic JSON: sorted keys, no whitespace, ASCII only."""
     doc = manifest.model_dump(mode="json")
+    if manifest.schema_version == 1:
+        for name in V2_FIELDS:
+            del doc[name]
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
@@ -272,8 +315,8 @@ def parse_manifest(payload: bytes) -> Manifest:
     if not isinstance(doc, dict):
         raise Rejected("malformed", "manifest is not a JSON object")
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise Rejected("unsupported_schema", f"schema_version {version!r}")
+    if type(version) is not int or version not in KNOWN_VERSIONS:
+        raise Rejected("unsupported_schema", f"schema_version {str(version)[:20]!r}")
     try:
         return Manifest.model_validate(doc)
     except ValidationError as exc:

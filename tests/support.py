@@ -327,6 +327,8 @@ class Edge:
             "agent_version": "test",
         }
         doc.update(fields)
+        if doc["discontinuity"] and doc.get("schema_version", 2) == 2:
+            doc.setdefault("gap_cause", "reconnect")  # version 2 names the cause of a gap
         manifest = Manifest.model_validate(doc)
         if upload:
             await self.s3.put(manifest.bucket, manifest.key, body)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from shared.manifest import (
     MAX_MANIFEST_BYTES,
+    GAP_CAUSES,
     Manifest,
     Rejected,
     SigningKey,
@@ -68,7 +69,10 @@ aware = st.datetimes(
 def manifests(draw: st.DrawFn) -> Manifest:
     """Any manifest the schema accepts, with the chunk id verification derives."""
     device, camera, seq, sha = draw(idents), draw(idents), draw(counts), draw(hex64)
+    version, discontinuity = draw(st.sampled_from([1, 2])), draw(st.booleans())
+    cause = draw(st.sampled_from(GAP_CAUSES)) if version == 2 and discontinuity else None
     return Manifest(
+        schema_version=version,
         chunk_id=derive_chunk_id(device, camera, seq, sha),
         device_id=device,
         site_id=draw(idents),
@@ -88,11 +92,12 @@ def manifests(draw: st.DrawFn) -> Manifest:
         end_time=draw(aware),
         media_start_s=draw(finite),
         media_duration_s=draw(non_negative),
-        discontinuity=draw(st.booleans()),
+        discontinuity=discontinuity,
         gap_before_s=draw(non_negative),
         agent_version=draw(st.text(max_size=64)),
         clock_drift_s=draw(finite),
         evicted_before=draw(counts),
+        gap_cause=cause,
     )
 
 

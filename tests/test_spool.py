@@ -29,7 +29,7 @@ from edge_agent.spool import (
     Pruned,
     Spool,
 )
-from shared.manifest import Manifest
+from shared.manifest import Manifest, wall_span
 from tests.support import report_figures, segment_file
 
 SETTINGS = EdgeSettings(
@@ -98,7 +98,10 @@ def test_spool_evicts_oldest_first_and_reports_the_gap(
     assert spool.counts() == {EVICTED: 3, WRITTEN: 3}
     gap, count = spool.evicted_run_before("cam1", 3)
     assert count == 3
-    assert gap == pytest.approx(3.0)
+    # On the wall clock: the gap runs from the first evicted chunk's start to exactly
+    # where the next kept chunk starts (the segmenter cuts chunks at one instant).
+    kept = manifests[3].start_time - manifests[0].start_time
+    assert gap == pytest.approx(kept.total_seconds(), abs=1e-6)
     assert spool.evicted_run_before("cam1", 4) == (0.0, 0)
 
 
@@ -107,9 +110,10 @@ def test_spool_newest_policy_keeps_old_footage(
 ) -> None:
     size = max(c.size_bytes for c in fresh_chunks)
     spool = Spool(tmp_path / "spool", Limits(max_bytes=2 * size, min_free_bytes=0, policy="newest"))
-    evicted = [r.manifest.seq for c in fresh_chunks for r in spool.commit(c, factory)[1].evicted]
-    assert evicted == [2, 3, 4, 5]
-    assert spool.evicted_run_before("cam1", 6) == (pytest.approx(4.0), 4)
+    evicted = [r.manifest for c in fresh_chunks for r in spool.commit(c, factory)[1].evicted]
+    assert [m.seq for m in evicted] == [2, 3, 4, 5]
+    span = (evicted[-1].end_time - evicted[0].start_time).total_seconds()
+    assert spool.evicted_run_before("cam1", 6) == (pytest.approx(span, abs=1e-6), 4)
 
 
 def test_spool_never_evicts_a_chunk_being_uploaded(
@@ -190,7 +194,9 @@ def test_recovery_finishes_interrupted_rename_or_marks_lost(tmp_path: Path, clip
     assert (result["renamed"], result["lost"]) == (1, 1)
     assert recs[0].path.exists()  # type: ignore[union-attr]
     assert spool.state(recs[1].chunk_id)[0] == LOST  # type: ignore[index]
-    assert spool.evicted_run_before("cam1", 2) == (pytest.approx(2.0), 1)
+    lost = recs[1].manifest  # type: ignore[union-attr]
+    span = wall_span(lost) + lost.gap_before_s
+    assert spool.evicted_run_before("cam1", 2) == (pytest.approx(span, abs=1e-6), 1)
     assert UPLOADED not in spool.counts()
 
 
@@ -347,7 +353,8 @@ def test_ledger_prune_keeps_rows_that_still_declare_a_gap(
     spool._gone(spool.get(ms[1].chunk_id), EVICTED)  # type: ignore[arg-type]
     assert spool.prune(time.time() + 1) == (1, False)  # the announced one; not the eviction
     assert spool.get(ms[0].chunk_id) is None
-    assert spool.evicted_run_before("cam1", 2) == (pytest.approx(1.0), 1)
+    span = wall_span(ms[1]) + ms[1].gap_before_s  # on the wall clock
+    assert spool.evicted_run_before("cam1", 2) == (pytest.approx(span, abs=1e-6), 1)
     spool.mark_uploaded(ms[2].chunk_id)
     spool.mark_announced(ms[2].chunk_id)  # its manifest declared the gap
     assert spool.prune(time.time() + 1) == (2, False)
@@ -384,7 +391,8 @@ def test_ledger_prune_is_bounded_per_call_and_linear_in_a_long_eviction_run(
     assert spool.enforce_limits().evicted == []
     spool.mark_uploaded(last.chunk_id)
     spool.mark_announced(last.chunk_id)
-    assert spool.evicted_run_before("cam1", last.seq) == (pytest.approx(60.0), 60)
+    span = 60 * (chunk.wall_end - chunk.wall_start).total_seconds()  # on the wall clock
+    assert spool.evicted_run_before("cam1", last.seq) == (pytest.approx(span, abs=1e-6), 60)
     cutoff = time.time() + 1  # every row is old enough
     assert spool.prune(cutoff, batch=25, batches=2) == (50, True)
     assert spool.prune(cutoff, batch=25, batches=2) == (11, False)
@@ -440,7 +448,8 @@ def test_the_manifest_to_announce_is_decided_once_and_kept(
     first = spool.finalize(m.chunk_id, with_evictions)
     assert first is not None and first.evicted_before == 0
     spool._gone(spool.get(before.chunk_id), EVICTED)  # type: ignore[arg-type]
-    assert spool.evicted_run_before("cam1", m.seq) == (pytest.approx(1.0), 1)
+    span = wall_span(before) + before.gap_before_s  # on the wall clock
+    assert spool.evicted_run_before("cam1", m.seq) == (pytest.approx(span, abs=1e-6), 1)
     assert spool.finalize(m.chunk_id, with_evictions) == first  # the retry announces the same
     spool.close()
     assert Spool(tmp_path / "spool").finalize(m.chunk_id, with_evictions) == first
