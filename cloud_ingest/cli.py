@@ -1,4 +1,5 @@
-"""``cloud-ingest run | status``. The only place that exits the process."""
+"""``cloud-ingest run | status | dlq | reconcile | coverage``: the only place that exits
+the process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cloud_ingest import admin
@@ -180,6 +182,32 @@ async def _reconcile(settings: IngestSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _coverage(settings: IngestSettings, args: argparse.Namespace) -> int:
+    from cloud_ingest import coverage
+
+    if args.until <= args.since:
+        print("cloud-ingest: coverage: --until must be after --since", file=sys.stderr)
+        return 2
+    client = _redis(settings)
+    try:
+        async with AsyncExitStack() as stack:
+            s3 = await open_s3(stack, settings.s3_endpoint_url, settings.s3_region)
+            doc = await coverage.audit(
+                settings, s3, client, args.site, args.since, args.until, args.camera
+            )
+    finally:
+        await client.aclose()
+    if args.plot:
+        from cloud_ingest.coverage_plot import plot
+
+        await asyncio.to_thread(plot, doc, args.plot)
+    if args.json:
+        print(json.dumps(doc, allow_nan=False))
+    else:
+        print(coverage.table(doc))
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -221,6 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument(
         "--concurrency", type=_positive, default=16, help="chunks looked up / requeued at once"
     )
+    cov = sub.add_parser(
+        "coverage", help="every second of a site's cameras: footage, declared gap or unexplained"
+    )
+    cov.add_argument("--site", required=True, help="site id")
+    cov.add_argument(
+        "--camera", action="append", help="only this camera (repeatable; default: every one)"
+    )
+    cov.add_argument("--since", type=_when, required=True, help="start (ISO 8601, UTC)")
+    cov.add_argument("--until", type=_when, required=True, help="end (ISO 8601, UTC)")
+    cov.add_argument("--json", action="store_true", help="the JSON document (contract)")
+    cov.add_argument("--plot", type=Path, help="write a per-camera timeline PNG here")
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run()
@@ -229,4 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_dlq(settings, args))
     if args.command == "reconcile":
         return asyncio.run(_reconcile(settings, args))
+    if args.command == "coverage":
+        return asyncio.run(_coverage(settings, args))
     return asyncio.run(_status(settings, args.json, args.interval))

@@ -157,6 +157,9 @@ class IngestSettings(RedisConnection, BaseSettings):
     max_pixels: int = Field(default=7680 * 4320, gt=0)  # per frame: 8K UHD
     max_fps: float = Field(default=300.0, gt=0)
     # Hand-off of closed scene windows
+    # A camera-hour's coverage index entries are merged into its object in S3 this long
+    # after the hour first changed (the audit reads the unmerged ones from Redis meanwhile).
+    coverage_flush_s: float = Field(default=60.0, ge=0, le=86400)
     window_s: int = Field(default=60, ge=1, le=86400)
     window_timeout_s: float = Field(default=120.0, ge=0)  # after the window's end
     site_cameras: dict[str, list[str]] = Field(default_factory=dict)  # expected views per site

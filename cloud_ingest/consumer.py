@@ -27,6 +27,7 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from cloud_ingest.config import IngestSettings
+from cloud_ingest.coverage import Index
 from cloud_ingest.failures import (
     Canary,
     EnvProbe,
@@ -40,12 +41,12 @@ from cloud_ingest.handoff import Handoff
 from cloud_ingest.media_pool import MediaPool, WorkerError
 from cloud_ingest.placement import WHEREABOUTS_PERIOD_S, whereabouts
 from cloud_ingest.processor import ChunkProcessor, Outcome
-from cloud_ingest.totals import Tally
+from cloud_ingest.totals import MEDIA_MS, Tally
 from cloud_ingest.windows import Windows
 from shared import logs
 from shared.backoff import Backoff
 from shared.keys import consumer_totals_key, redis_probe_key, s3_probe_key, whereabouts_key
-from shared.manifest import Rejected
+from shared.manifest import Rejected, wall_span
 from shared.queue import (
     Acks,
     Entry,
@@ -206,6 +207,7 @@ class Consumer:
             tasks.start("leases", lambda: self._renew_leases(queue, processor))
             tasks.start("windows", lambda: self._windows(processor.windows, handoff))
             tasks.start("whereabouts", lambda: self._report_whereabouts(redis))
+            tasks.start("coverage", lambda: self._coverage(processor.coverage))
             log.info("consumer.started", pid=os.getpid(), media_workers=self.pool.pids())
             loop = asyncio.create_task(self._drain_loop(queue, processor, probe), name="drain")
             try:
@@ -334,7 +336,7 @@ class Consumer:
         try:
             await self._handle(processor, entry)
         except Rejected as exc:
-            await self._dead_letter(queue, entry, exc)
+            await self._dead_letter(queue, processor, entry, exc)
         except asyncio.CancelledError:  # drain, or a lease we lost: not the chunk's failure
             await self._release(queue, [entry])
             raise
@@ -378,6 +380,8 @@ class Consumer:
             names.append("lock_waits")
         if outcome.status == "processed":
             names.append(f"verdict_{outcome.verdict}")
+            # Its seconds of footage by verdict (in ms: the script adds integers).
+            names.append(f"{MEDIA_MS}{outcome.verdict}={round(wall_span(outcome.manifest) * 1000)}")
             for stage, spent in outcome.timings.items():
                 self.tally.spent(stage.removesuffix("_s"), spent)
         return tuple(names)
@@ -406,7 +410,7 @@ class Consumer:
         self.tally.inc("failed_attempts")
         self._log_failure(kind, entry, exc)
         if entry.deliveries >= self.settings.max_deliveries:  # that was the last try
-            await self._dead_letter(queue, entry, self._last_failure(kind, entry, exc))
+            await self._dead_letter(queue, processor, entry, self._last_failure(kind, entry, exc))
 
     async def _reads_fail(
         self, processor: ChunkProcessor, probe: EnvProbe, entry: Entry, exc: RawReadFailed
@@ -446,7 +450,9 @@ class Consumer:
             return Rejected("internal_error", f"{error_type(exc)}: {exc}"[:1000])
         return Rejected("max_deliveries", f"failed {n} deliveries, last: {exc!r}"[:1000])
 
-    async def _dead_letter(self, queue: GroupConsumer, entry: Entry, exc: Rejected) -> None:
+    async def _dead_letter(
+        self, queue: GroupConsumer, processor: ChunkProcessor, entry: Entry, exc: Rejected
+    ) -> None:
         try:
             moved = await queue.dead_letter(entry, exc.reason, exc.detail)
         except RedisError as err:  # stays pending; the next delivery rejects it again
@@ -464,6 +470,7 @@ class Consumer:
             return
         self.tally.note("dead_lettered")  # the script counted it in Redis
         self.tally.note(f"rejected_{exc.reason}")
+        await processor.dead_lettered(entry, exc.reason)
         log.warning(
             "chunk",
             outcome="dead_lettered",
@@ -658,6 +665,16 @@ class Consumer:
                 self.tally.inc("handoff_retries")
                 log.warning("handoff.retry", error=repr(exc)[:300], exc_info=exc)
                 pause, ready = 2.0, False
+
+    async def _coverage(self, index: Index) -> None:
+        """Merge quiet camera-hours of the coverage index into S3, until the drain."""
+        pause = min(5.0, max(0.2, self.settings.coverage_flush_s / 4))
+        while not await _wait(self._closing, pause):
+            try:
+                await index.flush()
+            except Exception as exc:  # S3 or Redis: the hours stay dirty, merged next time
+                self.tally.inc("coverage_flush_failures")
+                log.warning("coverage.flush_failed", error=repr(exc)[:300])
 
     async def _close_tasks(self, tasks: Supervisor) -> None:
         """The long-lived loops return at their next turn; cancel any that does not (a

@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from cloud_ingest.totals import MEDIA_MS, WINDOWS_CLOSED
 from shared.queue import QueueStatus
 
 # stats() gauges summed over the actors -> (metric name, help)
@@ -48,9 +49,27 @@ class _Totals:
             "verdict_*, rejected_<dlq reason>, failed_attempts, internal_errors, ...)",
             labels=["outcome"],
         )
+        media = CounterMetricFamily(
+            "cloud_ingest_media_seconds",
+            "Seconds of footage processed (edge wall clock), by verdict",
+            labels=["verdict"],
+        )
+        windows = CounterMetricFamily(
+            "cloud_ingest_windows_closed",
+            "Scene window revisions closed, by site and why (complete, timeout)",
+            labels=["site", "closed_because"],
+        )
         for outcome, n in sorted(self.outcomes.items()):
-            chunks.add_metric([outcome], n)
+            if outcome.startswith(MEDIA_MS):
+                media.add_metric([outcome.removeprefix(MEDIA_MS)], n / 1000)
+            elif outcome.startswith(WINDOWS_CLOSED):
+                site, _, because = outcome.removeprefix(WINDOWS_CLOSED).rpartition(":")
+                windows.add_metric([site, because], n)
+            else:
+                chunks.add_metric([outcome], n)
         yield chunks
+        yield media
+        yield windows
         stages = CounterMetricFamily(
             "cloud_ingest_stage_seconds",
             "Seconds spent per stage, summed over all consumers ever",

@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError
 from redis.exceptions import RedisError
 
 from cloud_ingest.config import IngestSettings
+from cloud_ingest.coverage import Index
 from cloud_ingest.failures import RawReadFailed, ReadBreaker
 from cloud_ingest.filters import Analysis
 from cloud_ingest.media_pool import MediaPool
@@ -85,6 +86,7 @@ class ChunkProcessor:
     ) -> None:
         self.settings = settings
         self.windows = Windows(settings, redis, s3, tally)
+        self.coverage = Index(settings, redis, s3)
         self.s3 = s3
         self.redis = redis
         self.consumer = consumer
@@ -218,6 +220,8 @@ class ChunkProcessor:
         shard_key = None if shard is None else str(shard["key"])
         verdict = analysis.reason or "accepted"
         await self.windows.note(m, verdict, shard_key, analysis.scores)  # before the record
+        kind = "accepted" if analysis.reason is None else "rejected"
+        await self.coverage.note(m, kind, analysis.reason)
         record = self._record(signed, entry, analysis, shard)
         await self.s3.put_object(
             Bucket=self.settings.output_bucket,
@@ -226,6 +230,19 @@ class ChunkProcessor:
             ContentType="application/json",
         )
         return Outcome("processed", m, verdict, timings)
+
+    async def dead_lettered(self, entry: Entry, reason: str) -> None:
+        """Index a dead-lettered chunk's time as such, if its manifest is authentic and
+        names a chunk where chunks may be (a forged one is no evidence of anything)."""
+        try:
+            signed, _ = verify_entry(entry.fields, self.keyring, self.replay_key)
+            self._check_location(signed.manifest)
+        except Rejected:
+            return
+        try:
+            await self.coverage.note(signed.manifest, "dead_lettered", reason)
+        except RedisError as exc:  # the audit then reads its manifest and calls it pending
+            log.warning("coverage.note_failed", chunk_id=signed.manifest.chunk_id, error=repr(exc))
 
     async def _download(self, m: Manifest) -> bytes:
         """The chunk's bytes, exactly ``size_bytes`` of them: a bigger object is refused from

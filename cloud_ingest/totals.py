@@ -23,6 +23,14 @@ from shared.keys import consumer_totals_key, consumers_key
 
 Increments = tuple[Counter[str], dict[str, float]]
 
+# Counts named by these prefixes are exported as their own metrics (cloud_ingest.metrics).
+MEDIA_MS = "media_ms_"  # + verdict: milliseconds of footage processed with that verdict
+WINDOWS_CLOSED = "windows_closed:"  # + site:closed_because: scene windows closed
+
+
+def windows_closed(site: str, closed_because: str) -> str:
+    return f"{WINDOWS_CLOSED}{site}:{closed_because}"
+
 
 class Tally:
     def __init__(self) -> None:

@@ -32,7 +32,7 @@ import structlog
 
 from cloud_ingest.config import IngestSettings
 from cloud_ingest.objects import get_json
-from cloud_ingest.totals import Tally
+from cloud_ingest.totals import Tally, windows_closed
 from shared.keys import (
     OPEN_WINDOWS,
     handoff_stream,
@@ -471,6 +471,7 @@ class Windows:
 
     def _count(self, doc: dict[str, Any]) -> None:
         self.tally.inc(f"windows_{doc['closed_because']}")
+        self.tally.inc(windows_closed(doc["site_id"], doc["closed_because"]))
         if doc["revision"] > 1:
             self.tally.inc("window_revisions")
         log.info(

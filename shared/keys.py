@@ -7,6 +7,7 @@ listings work.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from shared.manifest import Manifest
@@ -25,6 +26,25 @@ def chunk_key(prefix: str, site_id: str, camera_id: str, start: datetime, seq: i
     """Raw chunk: ``{prefix}/{site}/{camera}/{YYYY}/{MM}/{DD}/{HH}/{start}-{seq}.mp4``."""
     stamp = start.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     return _join(prefix, site_id, camera_id, _hour_path(start), f"{stamp}-{seq:010d}.mp4")
+
+
+def site_prefix(prefix: str, site_id: str) -> str:
+    """Every raw chunk of a site: one common prefix per camera below it."""
+    return _join(prefix, site_id) + "/"
+
+
+def chunk_hour_prefix(prefix: str, site_id: str, camera_id: str, hour: datetime) -> str:
+    """Every raw chunk (and signed manifest) of one camera that started in ``hour``."""
+    return _join(prefix, site_id, camera_id, _hour_path(hour)) + "/"
+
+
+_SEQ = re.compile(r"-(\d{1,20})\.mp4(?:\.manifest\.json)?$")
+
+
+def seq_of_chunk_key(key: str) -> int | None:
+    """The sequence number in a raw chunk's (or its manifest's) key; None if it has none."""
+    found = _SEQ.search(key.rsplit("/", 1)[-1])
+    return int(found.group(1)) if found else None
 
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -50,6 +70,20 @@ def shard_key(prefix: str, manifest: Manifest) -> str:
     return _join(
         prefix, "shards", m.site_id, m.camera_id, _hour_path(m.start_time), f"{m.chunk_id}.parquet"
     )
+
+
+def coverage_index_key(prefix: str, site_id: str, camera_id: str, hour: datetime) -> str:
+    """A camera-hour's coverage index: what became of each of its chunks (one GET for the
+    coverage audit instead of one per chunk)."""
+    return _join(prefix, "coverage", site_id, camera_id, _hour_path(hour) + ".json")
+
+
+def coverage_hour_key(site_id: str, camera_id: str, hour: datetime) -> str:
+    """The camera-hour's index entries not yet merged into its object in S3 (a hash)."""
+    return f"ingest:cov:{site_id}:{camera_id}:{hour.astimezone(UTC):%Y%m%d%H}"
+
+
+COVERAGE_DIRTY = "ingest:cov:dirty"  # sorted set: coverage hour key -> when it changed first
 
 
 def recent_hashes_key(site_id: str, camera_id: str) -> str:

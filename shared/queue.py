@@ -108,8 +108,9 @@ for i = 6, counts - 1, 2 do
     redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
     redis.call('XDEL', KEYS[1], ARGV[i])
     acked[#acked + 1] = ARGV[i]
-    for name in string.gmatch(ARGV[i + 1], '[^,]+') do
-      redis.call('HINCRBY', KEYS[2], 'count:' .. name, 1)
+    for item in string.gmatch(ARGV[i + 1], '[^,]+') do
+      local name, by = string.match(item, '^(.-)=(%d+)$')
+      redis.call('HINCRBY', KEYS[2], 'count:' .. (name or item), by or 1)
       counted = true
     end
   end
@@ -160,9 +161,10 @@ class Acks:
     """One flush of acknowledgements and counts (``GroupConsumer.ack``).
 
     ``entries``: entry id -> the counts its acknowledgement brings (added only if the entry
-    was still ours); ``counts`` and ``seconds``: added once per ``token`` (empty: no
-    counts). After ``ack``: ``acked``, the ids acknowledged; ``applied_before``, the
-    token had been applied already (a flush sent again after its reply was lost)."""
+    was still ours; ``name`` adds 1, ``name=N`` adds N); ``counts`` and ``seconds``: added
+    once per ``token`` (empty: no counts). After ``ack``: ``acked``, the ids acknowledged;
+    ``applied_before``, the token had been applied already (a flush sent again after its
+    reply was lost)."""
 
     entries: dict[bytes, tuple[str, ...]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)

@@ -113,3 +113,42 @@ def test_manifest_chunk_id_is_deterministic_and_content_bound() -> None:
     assert a == derive_chunk_id("dev-1", "cam1", 1, "aa" * 32)
     assert a != derive_chunk_id("dev-1", "cam1", 1, "bb" * 32)
     assert a != derive_chunk_id("dev-1", "cam1", 2, "aa" * 32)
+
+
+def _signed_doc(doc: dict[str, object]) -> dict[bytes, bytes]:
+    import hashlib
+    import hmac
+
+    payload = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    mac = hmac.new(SECRETS["k1"], payload, hashlib.sha256).hexdigest()
+    return {b"manifest": payload, b"key_id": b"k1", b"sig": mac.encode()}
+
+
+def test_manifest_every_known_version_verifies_and_an_unknown_one_has_its_own_reason() -> None:
+    """The cloud is upgraded before the fleet: a version 1 manifest (no gap_cause, as an
+    old agent signs it) verifies byte for byte; version 2 carries the cause; version 3,
+    or a version that is not an integer, is refused as unsupported, not as invalid."""
+    v1 = make_manifest(schema_version=1, discontinuity=True, gap_before_s=2.0)
+    assert b"gap_cause" not in canonical_bytes(v1)
+    old = json.loads(canonical_bytes(v1))
+    assert verify_fields(_signed_doc(old), KEYRING).manifest == v1
+    v2 = make_manifest(discontinuity=True, gap_before_s=2.0, gap_cause="agent_restart")
+    assert json.loads(canonical_bytes(v2))["gap_cause"] == "agent_restart"
+    assert verify_fields(_signed_doc(json.loads(canonical_bytes(v2))), KEYRING).manifest == v2
+    for version in (3, 0, "2", True, None):
+        with pytest.raises(Rejected) as exc:
+            verify_fields(_signed_doc({**old, "schema_version": version}), KEYRING)
+        assert exc.value.reason == "unsupported_schema", version
+    with pytest.raises(Rejected) as exc:  # a version 1 manifest cannot name a cause
+        verify_fields(_signed_doc({**old, "gap_cause": "reconnect"}), KEYRING)
+    assert exc.value.reason == "invalid_schema"
+
+
+@pytest.mark.parametrize(
+    ("discontinuity", "cause"), [(True, None), (False, "reconnect"), (True, "meteor")]
+)
+def test_manifest_v2_names_a_known_cause_exactly_when_it_declares_a_gap(
+    discontinuity: bool, cause: str | None
+) -> None:
+    with pytest.raises(ValidationError):
+        make_manifest(discontinuity=discontinuity, gap_before_s=1.0, gap_cause=cause)

@@ -1,0 +1,322 @@
+"""The coverage audit on real servers: a hand-made bucket with a hole nobody declared, a
+mixed fleet of version 1 and version 2 agents, and a live run through kill -9, a camera
+outage and spool evictions in which every second of every camera is accounted for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.s3 import S3
+from devstack.servers import RedisServer, RtspServer, SeaweedS3, free_port
+from edge_agent.segmenter import ClosedChunk
+from shared.keys import coverage_index_key
+from shared.queue import ensure_group
+from tests.support import (
+    BASE_TIME,
+    Edge,
+    Stack,
+    cloud_ingest,
+    edge_agent,
+    eventually,
+    report_figures,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def coverage(stack: Stack, *args: str, **env: str) -> dict[str, Any]:
+    """``cloud-ingest coverage --json`` as an operator runs it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "cloud_ingest", "coverage", *args, "--json"],
+        env=stack.ingest_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(json.loads(out.stdout))
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def by_camera(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["camera_id"]: c for c in doc["cameras"]}
+
+
+def spans(cam: dict[str, Any], kind: str) -> list[tuple[float, float, str | None]]:
+    base = BASE_TIME.timestamp()
+    return [
+        (round(ts(i["start"]) - base, 3), round(ts(i["end"]) - base, 3), i["cause"])
+        for i in cam["intervals"]
+        if i["kind"] == kind
+    ]
+
+
+async def test_coverage_reports_an_undeclared_hole_exactly_and_reads_a_mixed_fleet(
+    stack: Stack, edge: Edge, chunks: list[ClosedChunk], tmp_path: Path
+) -> None:
+    """cam1 (a version 2 agent): seq 3 never reached the bucket and nothing declared it:
+    unexplained, its exact two seconds. Its seq 5 declares one second of camera outage.
+    cam2 (a version 1 agent, not upgraded yet): a declared gap without a cause. First from
+    the manifests alone (nothing processed: pending), then from the consumers' index."""
+
+    def start(offset: float) -> datetime:
+        return BASE_TIME + timedelta(seconds=offset)
+
+    for seq, offset in [(0, 0), (1, 2), (2, 4), (4, 8)]:
+        await edge.send(chunks[seq % 3], seq, start_time=start(offset), sidecar=True)
+    await edge.send(
+        chunks[2],
+        5,
+        start_time=start(11),
+        sidecar=True,
+        discontinuity=True,
+        gap_before_s=1.0,
+        gap_cause="camera_outage",
+    )
+    for seq, offset in [(0, 0), (1, 2), (2, 4)]:
+        await edge.send(
+            chunks[seq],
+            seq,
+            camera_id="cam2",
+            start_time=start(offset),
+            sidecar=True,
+            schema_version=1,
+        )
+    await edge.send(
+        chunks[0],
+        3,
+        camera_id="cam2",
+        start_time=start(9),
+        sidecar=True,
+        schema_version=1,
+        discontinuity=True,
+        gap_before_s=3.0,
+    )
+    window = ("--site", "site-1", "--since", iso(start(0)), "--until", iso(start(13)))
+    doc = coverage(stack, *window)
+    cam1, cam2 = by_camera(doc)["cam1"], by_camera(doc)["cam2"]
+    assert spans(cam1, "unexplained") == [(6.0, 8.0, None)]
+    assert spans(cam1, "gap") == [(10.0, 11.0, "camera_outage")]
+    assert spans(cam1, "pending") == [(0.0, 6.0, None), (8.0, 10.0, None), (11.0, 13.0, None)]
+    assert (cam1["wall_s"], cam1["pending_s"], cam1["gap_s"], cam1["unexplained_s"]) == (
+        13.0,
+        10.0,
+        1.0,
+        2.0,
+    )
+    assert cam1["chunks_from_manifests"] == 5 and cam1["chunks_from_index"] == 0
+    # Version 1: the gap is declared, its cause unknown; nothing after 11 s: unexplained.
+    assert spans(cam2, "gap") == [(6.0, 9.0, "unspecified")]
+    assert spans(cam2, "unexplained") == [(11.0, 13.0, None)]
+    assert cam2["gaps_by_cause"] == {"unspecified": 3.0}
+    for cam in (cam1, cam2):
+        total = sum(cam[k] for k in ("accepted_s", "rejected_s", "pending_s", "gap_s"))
+        total += cam["dead_lettered_s"] + cam["unexplained_s"]
+        assert total == pytest.approx(cam["wall_s"], abs=1e-3)
+    worst = doc["worst_holes"][0]  # the worst first, whichever camera
+    assert (worst["camera_id"], worst["kind"], worst["seconds"]) == ("cam2", "gap", 3.0)
+    assert doc["unexplained_s"] == 4.0 and doc["ratio"] == pytest.approx(18 / 26, abs=1e-6)
+
+    cloud = cloud_ingest(
+        stack, stack.workdir / "cloud.log", INGEST_COVERAGE_FLUSH_S="0", INGEST_CONSUMERS="1"
+    )
+    try:
+
+        async def indexed() -> bool:
+            keys = [
+                coverage_index_key("processed", "site-1", c, BASE_TIME) for c in ("cam1", "cam2")
+            ]
+            listed = set(await edge.s3.keys(stack.out_bucket, "processed/coverage/"))
+            if not set(keys) <= listed:
+                return False
+            docs = [json.loads(await edge.s3.get(stack.out_bucket, k)) for k in keys]
+            return [len(d["entries"]) for d in docs] == [5, 4]
+
+        await eventually(indexed, 120, "both camera-hours indexed in S3")
+    finally:
+        cloud.kill()
+    assert await edge.redis.xlen("chunks:dlq") == 0  # version 1 and 2 both accepted
+    after = by_camera(coverage(stack, *window))
+    cam1, cam2 = after["cam1"], after["cam2"]
+    assert cam1["chunks_from_index"] == 5 and cam1["chunks_from_manifests"] == 0
+    assert cam1["pending_s"] == 0 and cam1["accepted_s"] + cam1["rejected_s"] == 10.0
+    assert spans(cam1, "unexplained") == [(6.0, 8.0, None)]
+    assert spans(cam1, "gap") == [(10.0, 11.0, "camera_outage")]
+    assert cam2["accepted_s"] + cam2["rejected_s"] == 8.0 and cam2["gap_s"] == 3.0
+    assert await edge.redis.zcard("ingest:cov:dirty") == 0  # merged and forgotten in Redis
+
+    png = tmp_path / "coverage.png"
+    subprocess.run(  # noqa: ASYNC221 - the CLI as a user runs it
+        [sys.executable, "-m", "cloud_ingest", "coverage", *window, "--plot", str(png)],
+        env=stack.ingest_env(),
+        check=True,
+        timeout=120,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- a live run -------------------------------------------------------------------------
+
+
+async def _metrics(port: int) -> str:
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            return await resp.text()
+    except (aiohttp.ClientError, OSError):
+        return ""
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """{labels: value} of one metric family's samples."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name) :].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
+async def _announced(client: aioredis.Redis, camera: str) -> list[dict[str, Any]]:
+    out = {}
+    for _, fields in await client.xrange("chunks"):
+        m = json.loads(fields[b"manifest"])
+        if m["camera_id"] == camera:
+            out[m["seq"]] = m
+    return [out[s] for s in sorted(out)]
+
+
+async def test_coverage_accounts_for_every_second_through_kill9_outage_and_eviction(
+    tmp_path: Path, ray_address: str
+) -> None:
+    for sub in ("redis", "s3", "rtsp"):
+        (tmp_path / sub).mkdir()
+    redis = RedisServer(tmp_path / "redis", aof=True)
+    redis.start()
+    s3 = SeaweedS3(tmp_path / "s3")
+    s3.start()
+    rtsp = RtspServer(tmp_path / "rtsp", {"cam1": None, "cam2": None})
+    rtsp.start()
+    stack = Stack(redis.url, s3.endpoint, ray_address, "raw", "out", tmp_path)
+    client = aioredis.from_url(redis.url)
+    await ensure_group(client, "chunks", "ingest")
+    async with S3(s3.endpoint) as helper:
+        for b in ("raw", "out"):
+            await helper.client.create_bucket(Bucket=b)
+    port = free_port()
+    cams = [{"id": c, "url": rtsp.url(c)} for c in ("cam1", "cam2")]
+    env = {
+        "EDGE_SEGMENT_SECONDS": "1",
+        "EDGE_HTTP_BIND": f"127.0.0.1:{port}",
+        "EDGE_RECONNECT_MAX_S": "1",
+        "EDGE_WATCHDOG_S": "2",
+        "EDGE_CAMERA_TIMEOUT_S": "2",
+        "EDGE_SPOOL_MAX_BYTES": "80000",
+    }
+
+    async def announced(n: int) -> bool:
+        return all(len(await _announced(client, c)) >= n for c in ("cam1", "cam2"))
+
+    async def metric(name: str, at_least: float) -> bool:
+        return sum(_samples(await _metrics(port), name).values()) >= at_least
+
+    edge = edge_agent(stack, cams, tmp_path / "edge1.log", **env)
+    try:
+        await eventually(lambda: announced(3), 90, "chunks before the kill")
+        edge.kill()  # SIGKILL: the agent's restart is a gap, with its cause
+        await asyncio.sleep(1)
+        edge = edge_agent(stack, cams, tmp_path / "edge2.log", **env)
+        await eventually(lambda: announced(6), 90, "chunks after the restart")
+        rtsp.kill()  # both cameras out
+        await eventually(
+            lambda: metric("edge_agent_camera_errors_total", 2), 60, "the outage to be seen"
+        )
+        rtsp.start()
+        await eventually(lambda: announced(9), 90, "chunks after the outage")
+        s3.kill()  # the spool fills and evicts while S3 is down
+        await eventually(lambda: metric("edge_agent_chunks_evicted_total", 4), 90, "evictions")
+        s3.start()
+        await eventually(lambda: announced(14), 120, "the backlog and new chunks")
+        edge_metrics = await _metrics(port)
+        assert edge.terminate() == 0
+    finally:
+        edge.kill()
+        rtsp.stop()
+    cloud = cloud_ingest(
+        stack, tmp_path / "cloud.log", INGEST_COVERAGE_FLUSH_S="0", INGEST_CONSUMERS="1"
+    )
+    try:
+        streams = {c: await _announced(client, c) for c in ("cam1", "cam2")}
+        total = sum(len(v) for v in streams.values())
+
+        async def processed() -> bool:
+            got = await client.hgetall("ingest:totals:ingest:ingest-0")
+            return int(got.get(b"count:processed", 0)) >= total
+
+        await eventually(processed, 180, "every chunk processed")
+        await eventually(
+            lambda: _zero(client.zcard("ingest:cov:dirty")), 60, "the index merged into S3"
+        )
+    finally:
+        cloud.kill()
+    table = {}
+    for camera, ms in streams.items():
+        since, until = ms[0]["start_time"], ms[-1]["end_time"]
+        doc = coverage(
+            stack, "--site", "site-1", "--camera", camera, "--since", since, "--until", until
+        )
+        [cam] = doc["cameras"]
+        table[camera] = {
+            k: cam[k]
+            for k in (
+                "wall_s",
+                "accepted_s",
+                "rejected_s",
+                "pending_s",
+                "gap_s",
+                "dead_lettered_s",
+                "unexplained_s",
+                "ratio",
+                "gaps_by_cause",
+                "chunks_from_index",
+            )
+        }
+        assert cam["unexplained_s"] <= 1 / 15, cam["intervals"]  # to one frame interval
+        assert cam["pending_s"] == 0 and cam["dead_lettered_s"] == 0
+        causes = cam["gaps_by_cause"]
+        assert {"agent_restart", "eviction"} <= set(causes), causes
+        assert causes.keys() & {"camera_outage", "reconnect"}, causes
+        assert "unspecified" not in causes
+        # The edge's own counters (its second run: every gap came after its start).
+        gaps = _samples(edge_metrics, "edge_agent_gap_seconds_total")
+        for cause, seconds in causes.items():
+            counted = gaps.get(f'{{camera="{camera}",cause="{cause}"}}', 0.0)
+            assert counted == pytest.approx(seconds, abs=0.25), (cause, gaps)
+    report_figures("coverage_live", table)
+
+
+async def _zero(call: Any) -> bool:
+    return int(await call) == 0
