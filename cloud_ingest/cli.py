@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run()
     settings = _settings()
+    # Their answer is stdout: their log lines go to stderr.
+    logs.configure(settings.log_level, settings.log_format, secret_values(settings), sys.stderr)
     if args.command == "dlq":
         return asyncio.run(_dlq(settings, args))
     if args.command == "reconcile":

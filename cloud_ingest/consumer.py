@@ -574,8 +574,9 @@ class Consumer:
         lost = []
         for entry_id, names in batch.entries.items():
             if entry_id in acked:
-                for name in names:
-                    self.tally.note(name)
+                for item in names:
+                    name, _, by = item.partition("=")  # "name=N" counts N (the script's rule)
+                    self.tally.note(name, int(by) if by else 1)
             elif names:
                 lost.append(entry_id.decode())
         if lost:  # the reaper gave them to another consumer: theirs to count

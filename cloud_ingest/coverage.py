@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import json
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,9 +29,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from botocore.exceptions import ClientError
 
 from cloud_ingest.config import IngestSettings
-from cloud_ingest.objects import get_json
+from cloud_ingest.objects import SizeError, get_bounded, get_json
 from cloud_ingest.windows import Interval, union
 from shared.keys import (
     COVERAGE_DIRTY,
@@ -43,9 +45,11 @@ from shared.keys import (
     site_prefix,
 )
 from shared.manifest import Manifest, Rejected, verify_fields, wall_span
+from shared.s3 import is_not_found
 
 log = structlog.get_logger("cloud_ingest")
 
+MERGE_LOCK_S = 120.0  # a merger's hold on an hour (the merge itself gets half of it)
 HOUR_TTL_S = 3 * 86400  # an unmerged camera-hour's hash (merged within minutes normally)
 MAX_INDEX_BYTES = 64 * 1024**2
 MAX_SIDECAR_BYTES = 64 * 1024
@@ -56,6 +60,10 @@ PROCESSED = ("accepted", "rejected")
 
 # KEYS: the hour's hash, the dirty set. ARGV: the generation read. Forget the hash and
 # its dirty mark only if nothing was noted since it was read (else: merged next time).
+UNLOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 SETTLED_SCRIPT = """
 if (redis.call('HGET', KEYS[1], '_gen') or '0') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -73,6 +81,7 @@ def entry_of(m: Manifest, kind: str, reason: str | None) -> dict[str, Any]:
     start = m.start_time.timestamp()
     return {
         "chunk_id": m.chunk_id,
+        "key": m.key,
         "seq": m.seq,
         "start": start,
         "end": start + wall_span(m),
@@ -112,12 +121,15 @@ class Index:
         self.redis = redis
         self.s3 = s3
 
-    async def note(self, m: Manifest, kind: str, reason: str | None = None) -> None:
-        """Index a chunk processed (``kind`` accepted or rejected) or dead-lettered."""
+    async def note(
+        self, m: Manifest, kind: str, reason: str | None = None, *, force: bool = False
+    ) -> None:
+        """Index a chunk processed (``kind`` accepted or rejected) or dead-lettered (over
+        an earlier verdict only with ``force``: one whose record was never written)."""
         key = coverage_hour_key(m.site_id, m.camera_id, m.start_time)
         body = json.dumps(entry_of(m, kind, reason), sort_keys=True, allow_nan=False)
         async with self.redis.pipeline(transaction=True) as pipe:
-            if kind in PROCESSED:
+            if kind in PROCESSED or force:
                 pipe.hset(key, m.chunk_id, body)
             else:  # never over a verdict (a late copy of a chunk processed meanwhile)
                 pipe.hsetnx(key, m.chunk_id, body)
@@ -127,22 +139,27 @@ class Index:
             await pipe.execute()
 
     async def flush(self, limit: int = 20) -> int:
-        """Merge camera-hours noted at least INGEST_COVERAGE_FLUSH_S ago into S3."""
+        """Merge camera-hours noted at least INGEST_COVERAGE_FLUSH_S ago into S3. An hour
+        that fails is tried again a flush period later, behind the others."""
         due: Any = await self.redis.zrangebyscore(
             COVERAGE_DIRTY, "-inf", time.time() - self.settings.coverage_flush_s, 0, limit
         )
         merged = 0
         for raw in due:
             key = raw.decode()
-            lock = f"ingest:lock:{key}"
+            lock, token = f"ingest:lock:{key}", uuid.uuid4().hex
             # One merger per hour at a time: two would each write what they read, and
-            # the older read could land last.
-            if not await self.redis.set(lock, self.settings.group, nx=True, px=120_000):
+            # the older read could land last. The merge is bounded well within the lock.
+            if not await self.redis.set(lock, token, nx=True, px=int(MERGE_LOCK_S * 1000)):
                 continue
             try:
-                merged += await self._merge(key)
+                async with asyncio.timeout(MERGE_LOCK_S / 2):
+                    merged += await self._merge(key)
+            except Exception as exc:  # this hour's (a refusal, a bad object): not the others'
+                log.warning("coverage.merge_failed", hour=key, error=repr(exc)[:300])
+                await self.redis.zadd(COVERAGE_DIRTY, {key: time.time()}, xx=True)
             finally:
-                await self.redis.delete(lock)
+                await self.redis.eval(UNLOCK_SCRIPT, 1, lock, token)
         return merged
 
     async def _merge(self, key: str) -> int:
@@ -155,14 +172,15 @@ class Index:
             return 0
         okey = coverage_index_key(self.settings.output_prefix, site, camera, hour)
         entries = await read_index(self.s3, self.settings.output_bucket, okey)
-        for value in fields.values():
-            new = json.loads(value)
-            entries[new["chunk_id"]] = merge(entries.get(new["chunk_id"]), new)
-        body = json.dumps(
-            {"site_id": site, "camera_id": camera, "hour": hour.isoformat(), "entries": entries},
-            sort_keys=True,
-            allow_nan=False,
-        ).encode()
+
+        def build() -> bytes:  # an hour of a camera is thousands of entries: off the loop
+            for value in fields.values():
+                new = json.loads(value)
+                entries[new["chunk_id"]] = merge(entries.get(new["chunk_id"]), new)
+            doc = {"site_id": site, "camera_id": camera, "hour": hour.isoformat()}
+            return json.dumps({**doc, "entries": entries}, sort_keys=True).encode()
+
+        body = await asyncio.to_thread(build)
         await self.s3.put_object(
             Bucket=self.settings.output_bucket,
             Key=okey,
@@ -174,8 +192,20 @@ class Index:
 
 
 async def read_index(s3: Any, bucket: str, key: str) -> dict[str, dict[str, Any]]:
-    doc = await get_json(s3, bucket, key, MAX_INDEX_BYTES)
-    return {} if doc is None else dict(doc["entries"])
+    try:
+        raw = await get_bounded(s3, bucket, key, MAX_INDEX_BYTES)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return {}
+        raise
+    try:
+        doc = await asyncio.to_thread(json.loads, raw)
+        return {str(k): dict(v) for k, v in doc["entries"].items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # Not an index we wrote: the audit reads the hour's manifests instead, and the
+        # next merge writes the hour anew from what it has.
+        log.error("coverage.bad_index", key=key, error=repr(exc)[:200])
+        return {}
 
 
 # -- the audit --------------------------------------------------------------------------
@@ -239,58 +269,61 @@ class Auditor:
             listed, indexed = await asyncio.gather(
                 self._listing(site, camera, hour), self._indexed(site, camera, hour)
             )
-        by_seq = {int(e["seq"]): e for e in indexed.values()}
-        out = list(by_seq.values())
-        unknown = [(seq, key) for seq, key in listed.items() if seq not in by_seq]
-        found = await asyncio.gather(*(self._from_manifest(key) for _, key in unknown))
+        known = {e.get("key") for e in indexed.values()}
+        out = list(indexed.values())
+        unknown = [(chunk, mkey) for chunk, mkey in listed.items() if chunk not in known]
+        found = await asyncio.gather(
+            *(self._from_manifest(mkey, site, camera) for _, mkey in unknown)
+        )
         out += [e for e in found if e is not None]
         for e in out:
             e.setdefault("_source", "index")
         return out
 
     async def _indexed(self, site: str, camera: str, hour: datetime) -> dict[str, Any]:
+        # Redis first: a merge between the two reads then lands in the object read second.
+        fresh: Any = await self.redis.hgetall(coverage_hour_key(site, camera, hour))
         okey = coverage_index_key(self.settings.output_prefix, site, camera, hour)
         entries = await read_index(self.s3, self.settings.output_bucket, okey)
-        fresh: Any = await self.redis.hgetall(coverage_hour_key(site, camera, hour))
         for name, value in fresh.items():
             if name != b"_gen":
                 new = json.loads(value)
                 entries[new["chunk_id"]] = merge(entries.get(new["chunk_id"]), new)
         return entries
 
-    async def _listing(self, site: str, camera: str, hour: datetime) -> dict[int, str]:
-        """seq -> manifest key of the hour's chunks; a chunk without one is counted."""
+    async def _listing(self, site: str, camera: str, hour: datetime) -> dict[str, str]:
+        """chunk key -> its manifest's key, for the hour's chunks ('': none beside it)."""
         prefix = chunk_hour_prefix(self.settings.raw_prefix, site, camera, hour)
-        manifests: dict[int, str] = {}
-        chunks: set[int] = set()
+        out: dict[str, str] = {}
         paginator = self.s3.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self.settings.raw_bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                seq = seq_of_chunk_key(obj["Key"])
-                if seq is None:
-                    continue
-                if obj["Key"].endswith(MANIFEST_SUFFIX):
-                    manifests[seq] = obj["Key"]
+                key = obj["Key"]
+                if seq_of_chunk_key(key) is None:
+                    continue  # not ours
+                if key.endswith(MANIFEST_SUFFIX):
+                    out[key.removesuffix(MANIFEST_SUFFIX)] = key
                 else:
-                    chunks.add(seq)
-        for seq in chunks - set(manifests):
-            manifests[seq] = ""  # no manifest (yet): an upload its edge has not announced
-        return manifests
+                    out.setdefault(key, "")  # an upload its edge has not announced (yet)
+        return out
 
-    async def _from_manifest(self, key: str) -> dict[str, Any] | None:
+    async def _from_manifest(self, key: str, site: str, camera: str) -> dict[str, Any] | None:
         if not key:
             return {"_source": "unannounced"}
         async with self.gate:
-            doc = await get_json(self.s3, self.settings.raw_bucket, key, MAX_SIDECAR_BYTES)
-            if doc is None:
-                return None
             try:
-                fields = {k.encode(): str(v).encode() for k, v in doc.items()}
+                doc = await get_json(self.s3, self.settings.raw_bucket, key, MAX_SIDECAR_BYTES)
+                if doc is None:
+                    return None  # deleted since the listing
+                fields = {str(k).encode(): str(v).encode() for k, v in dict(doc).items()}
                 m = verify_fields(fields, self.keyring).manifest
-            except (Rejected, AttributeError) as exc:
+            except (Rejected, SizeError, ValueError, TypeError, UnicodeError) as exc:
+                # Not JSON, too big, not signed by a key we hold (or one retired since):
+                # no evidence of anything, counted so that an operator sees it.
                 log.warning("coverage.unverified_manifest", key=key, error=str(exc)[:200])
                 return {"_source": "unverified"}
-            if m.bucket != self.settings.raw_bucket or key != m.key + MANIFEST_SUFFIX:
+            where = (m.bucket, m.key + MANIFEST_SUFFIX, m.site_id, m.camera_id)
+            if where != (self.settings.raw_bucket, key, site, camera):
                 return {"_source": "unverified"}  # a manifest copied to another place
             record = await get_json(
                 self.s3,
@@ -314,8 +347,10 @@ class Auditor:
             at += timedelta(hours=1)
         # Hours in order, a few in flight: memory stays a few hours' entries.
         for batch in _batches(hours, 4):
-            for entries in await asyncio.gather(*(self.hour(site, camera, h) for h in batch)):
+            fetched = await asyncio.gather(*(self.hour(site, camera, h) for h in batch))
+            for entries in fetched:
                 self._take(t, entries)
+            del fetched, entries  # not held while the next batch is read
             t.compact()
         await self._lookahead(t, site, camera, at, until)
         return t

@@ -61,6 +61,8 @@ UNLOCK_SCRIPT = (
 LOCK_POLL_S = 0.5  # how often a copy waiting for the lock looks again
 MAX_RECORD_BYTES = 1 << 20  # our own done records are a few kB
 SHARE_READABLE_S = 30.0  # how often a consumer names a raw object that read fine
+# Dead letters whose manifest, authentic as it is, says nothing true of its camera's time.
+NOT_EVIDENCE = frozenset({"camera_claimed", "replay", "clock_skew"})
 
 
 @dataclass(slots=True)
@@ -232,17 +234,25 @@ class ChunkProcessor:
         return Outcome("processed", m, verdict, timings)
 
     async def dead_lettered(self, entry: Entry, reason: str) -> None:
-        """Index a dead-lettered chunk's time as such, if its manifest is authentic and
-        names a chunk where chunks may be (a forged one is no evidence of anything)."""
+        """Index a dead-lettered chunk's time as such, if its manifest is authentic, names
+        a chunk where chunks may be, and speaks for its own camera (a forged or claimed
+        one is no evidence of anything). Over an earlier verdict only if the chunk has no
+        done record (its verdict was noted, its record never written)."""
+        if reason in NOT_EVIDENCE:
+            return
         try:
             signed, _ = verify_entry(entry.fields, self.keyring, self.replay_key)
             self._check_location(signed.manifest)
         except Rejected:
             return
+        m = signed.manifest
         try:
-            await self.coverage.note(signed.manifest, "dead_lettered", reason)
-        except RedisError as exc:  # the audit then reads its manifest and calls it pending
-            log.warning("coverage.note_failed", chunk_id=signed.manifest.chunk_id, error=repr(exc))
+            rkey = record_key(self.settings.output_prefix, m)
+            done = await get_json(self.s3, self.settings.output_bucket, rkey, MAX_RECORD_BYTES)
+            await self.coverage.note(m, "dead_lettered", reason, force=done is None)
+        except (RedisError, ClientError, SizeError, ValueError) as exc:
+            # Not fatal: the audit then reads the chunk's manifest (and calls it pending).
+            log.warning("coverage.note_failed", chunk_id=m.chunk_id, error=repr(exc)[:300])
 
     async def _download(self, m: Manifest) -> bytes:
         """The chunk's bytes, exactly ``size_bytes`` of them: a bigger object is refused from

@@ -133,7 +133,6 @@ class CameraWorker:
             None if self.room is None else self._room,
             self._next_cause,
         )
-        self._next_cause = "reconnect"  # unless something else is noted before the next one
         repair = TimestampRepair(
             source.time_base,
             segmenter.frame_ticks,
@@ -143,6 +142,8 @@ class CameraWorker:
             self._pump(source, repair, segmenter)
         finally:
             segmenter.flush()  # keep what was captured before a stop, an EOF or an error
+            # A cause no chunk took (no keyframe came, no room): the next connection's.
+            self._next_cause = segmenter.cause or "reconnect"
             log.info(
                 "camera.disconnected",
                 skipped_before_keyframe=segmenter.skipped,

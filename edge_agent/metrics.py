@@ -52,8 +52,9 @@ class EdgeMetrics:
         self.written = Counter(
             "edge_agent_chunks_written", "Chunks closed and committed to the spool", cam, registry=r
         )
-        # Together they tile each camera's timeline (wall clock): coverage is
-        # media / (media + gap), and the coverage audit counts the very same seconds.
+        # Together they tile each camera's timeline (wall clock), evicted footage counted
+        # in both: coverage is (media - evicted) / (media + gap - evicted), the recording
+        # rule camera:coverage_ratio:1d, and the coverage audit counts the same seconds.
         self.media_seconds = Counter(
             "edge_agent_media_seconds",
             "Seconds of footage captured and committed to the spool (wall clock)",

@@ -43,9 +43,11 @@ def gap_before(chunk: ClosedChunk, prev: Position) -> float | None:
         return None
     media = chunk.media_start_s - prev.media_end_s
     # Within a connection chunks are cut at one instant, so any wall time between them
-    # is footage not kept (no disk space); a media jump is the camera's clock.
-    if abs(media) > CONTIGUITY_TOLERANCE_S or (wall or 0.0) > CONTIGUITY_TOLERANCE_S:
-        return max(0.0, media, wall or 0.0)
+    # is footage not kept (no disk space). A media jump is the camera's clock: the chunk
+    # does not follow on, but the wall time it skipped is in the previous chunk's span.
+    wall = max(0.0, wall or 0.0)
+    if abs(media) > CONTIGUITY_TOLERANCE_S or wall > CONTIGUITY_TOLERANCE_S:
+        return wall
     return None
 
 

@@ -33,7 +33,7 @@ from typing import Literal
 from edge_agent.durable import fsync_and_hash, fsync_dir
 from edge_agent.recovery import salvage
 from edge_agent.segmenter import ClosedChunk
-from shared.manifest import Manifest, wall_span
+from shared.manifest import Manifest, canonical_bytes, wall_span
 
 WRITTEN, UPLOADED, ANNOUNCED = "written", "uploaded", "announced"
 EVICTED, LOST = "evicted", "lost"
@@ -156,6 +156,12 @@ ManifestFactory = Callable[[ClosedChunk, int, Position], Manifest]
 Fold = Callable[[Manifest, float, int], Manifest]  # (manifest, gap seconds, chunks) -> final
 
 
+def _row_json(m: Manifest) -> str:
+    """A manifest as its row keeps it: in its own version's form, so the agent it was
+    pinned for (EDGE_MANIFEST_SCHEMA_VERSION) can still read it after a downgrade."""
+    return canonical_bytes(m).decode()
+
+
 def _tombstone(m: Manifest) -> str:
     """What an evicted or lost row keeps of its manifest: enough to declare the gap (a
     tenth of the whole manifest; during a long outage such rows pile up by the thousand)."""
@@ -262,7 +268,7 @@ class Spool:
                     manifest.seq,
                     str(self.final_path(manifest).relative_to(self.root)),
                     WRITTEN,
-                    manifest.model_dump_json(),
+                    _row_json(manifest),
                     chunk.size_bytes,
                     now,
                     now,
@@ -381,7 +387,7 @@ class Spool:
             manifest = fold(manifest, gap, count)
             db.execute(
                 "UPDATE chunks SET manifest = ?, final = 1 WHERE chunk_id = ?",
-                (manifest.model_dump_json(), chunk_id),
+                (_row_json(manifest), chunk_id),
             )
         return manifest
 

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -77,10 +77,16 @@ class Redactor:
 
 
 def configure(
-    level: str = "INFO", fmt: LogFormat | None = None, secrets: Iterable[str] = ()
+    level: str = "INFO",
+    fmt: LogFormat | None = None,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
 ) -> None:
+    """``stream``: stdout for the daemons (journald), stderr for a command whose answer
+    is its stdout (``cloud-ingest coverage --json``)."""
+    out = sys.stdout if stream is None else stream
     if fmt is None:
-        fmt = "console" if sys.stdout.isatty() else "json"
+        fmt = "console" if out.isatty() else "json"
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )
@@ -95,7 +101,7 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
 

@@ -856,7 +856,7 @@ async def test_cloud_faults_ack_of_an_entry_no_longer_ours_is_not_counted(
         mine = GroupConsumer(client, "chunks", "ingest", "consumer-0")
         first, second, third = await mine.read(3, None)
         await client.xclaim("chunks", "ingest", "consumer-1", 0, [first.id], justid=True)
-        outcome = ("processed", "verdict_accepted")
+        outcome = ("processed", "verdict_accepted", "media_ms_accepted=2000")
         batch = Acks(
             {first.id: outcome, second.id: outcome}, {"reclaimed": 1}, {"download": 0.5}, "r:0"
         )
@@ -871,7 +871,12 @@ async def test_cloud_faults_ack_of_an_entry_no_longer_ours_is_not_counted(
         left = await client.xlen("chunks")
     finally:
         await client.aclose()
-    expected = {"processed": 1.0, "verdict_accepted": 1.0, "reclaimed": 1.0}
+    expected = {
+        "processed": 1.0,
+        "verdict_accepted": 1.0,
+        "media_ms_accepted": 2000.0,  # "name=N" adds N
+        "reclaimed": 1.0,
+    }
     assert counted == (expected, {"download": 0.5})
     assert totals[0] == {
         **expected,
@@ -881,6 +886,26 @@ async def test_cloud_faults_ack_of_an_entry_no_longer_ours_is_not_counted(
     }
     assert totals[1] == {"download": 0.5}
     assert left == 0
+
+
+def test_cloud_faults_a_counted_amount_is_one_count_in_the_run_not_a_name_per_chunk(
+    stack: Stack,
+) -> None:
+    """Each processed chunk's acknowledgement brings ``media_ms_<verdict>=<ms>``: the
+    run's tally adds the amounts under one name (a name per chunk would grow stats(),
+    which the supervisor reads every second, without bound)."""
+    from cloud_ingest.consumer import Consumer
+
+    consumer = Consumer(ingest_settings(stack), "consumer-tally")
+    names = {
+        b"1-0": ("processed", "media_ms_accepted=2000"),
+        b"2-0": ("processed", "media_ms_accepted=1500"),
+        b"3-0": ("processed", "media_ms_dark=700"),
+    }
+    batch = Acks(names, token="t:1")
+    batch.acked = list(names)
+    consumer._settle(batch)
+    assert consumer.tally.run == {"processed": 3, "media_ms_accepted": 3500, "media_ms_dark": 700}
 
 
 async def test_cloud_faults_redis_gone_silent_is_left_for_a_new_connection(
