@@ -453,7 +453,7 @@ async def test_recovery_runs_off_the_loop_and_finishes_before_ready(
 LAG_BUCKET = re.compile(r'edge_agent_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)')
 
 
-@pytest.mark.parametrize("rules", sorted((ROOT / "configs" / "prometheus").glob("*.rules.yml")))
+@pytest.mark.parametrize("rules", sorted((ROOT / "configs" / "monitoring").glob("*.rules.yml")))
 def test_alert_rules_pass_promtool_check_rules(rules: Path) -> None:
     result = subprocess.run(
         ["promtool", "check", "rules", str(rules)],
