@@ -3,7 +3,9 @@
 Starts redis-server, SeaweedFS S3 and a GStreamer RTSP camera (live test
 pattern) plus a file-replay camera, runs ``edge-agent run`` and ``cloud-ingest
 run`` (local Ray) as real processes, stops the edge with SIGTERM, lets the cloud
-drain, prints what happened to every chunk, and shuts everything down.
+drain, prints what happened to every chunk, writes a report (``report.html`` in the
+run's work directory, ``.stack/demo-*/``: coverage timeline, latency histograms, filter
+verdicts, closed windows, the summary) and shuts everything down.
 
 Environment: ``DEMO_SECONDS`` (default 60); ``CAMERA_URL`` (rtsp://…, http://…
 or file://…) feeds a real camera instead of the synthetic ones.
@@ -16,16 +18,20 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
 from contextlib import ExitStack
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from botocore.exceptions import ClientError
 
+from devstack import report
 from devstack.daemons import Daemon, cloud_ingest, edge_agent
 from devstack.media import make_clip
 from devstack.s3 import S3
@@ -34,6 +40,8 @@ from shared.keys import OPEN_WINDOWS, handoff_stream
 from shared.queue import status
 
 ROOT = Path(__file__).resolve().parent.parent
+SITE = "demo-site"
+PROGRESS_S = 5.0
 SECRET = "demo-signing-key-not-for-production"  # noqa: S105 - demo stack only
 # SeaweedFS without -s3.config accepts any credentials; the clients still need some.
 AWS = {
@@ -72,7 +80,7 @@ def environment(
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONUNBUFFERED": "1",
             "EDGE_DEVICE_ID": "demo-box-1",
-            "EDGE_SITE_ID": "demo-site",
+            "EDGE_SITE_ID": SITE,
             "EDGE_CAMERAS": json.dumps(cams),
             "EDGE_SEGMENT_SECONDS": "4",
             "EDGE_SPOOL_DIR": str(work / "spool"),
@@ -93,7 +101,7 @@ def environment(
             "INGEST_LOG_FORMAT": "json",
             # Scene windows of 20 s over both views; the last ones close 15 s after the
             # edge stops (their footage ends mid-window: by timeout, with its seconds).
-            "INGEST_SITE_CAMERAS": json.dumps({"demo-site": [c["id"] for c in cams]}),
+            "INGEST_SITE_CAMERAS": json.dumps({SITE: [c["id"] for c in cams]}),
             "INGEST_WINDOW_S": "20",
             "INGEST_WINDOW_TIMEOUT_S": "15",
         }
@@ -134,39 +142,89 @@ def run(work: Path, seconds: float) -> int:
         cams = cameras(work, stack)
         env = environment(redis, s3, cams, work)
         say(f"stack up: redis {redis.url}, S3 {s3.endpoint}, cameras {[c['url'] for c in cams]}")
+        t0 = time.monotonic()
+        since = datetime.now(UTC)
         cloud = cloud_ingest(env, work / "cloud-ingest.log")
         stack.callback(cloud.kill)
         edge = edge_agent(env, work / "edge-agent.log")
         stack.callback(edge.kill)
         say(f"edge-agent and cloud-ingest running for {seconds:.0f}s (logs in {work})")
-        _watch(edge, cloud, seconds)
+        _watch(edge, cloud, t0, seconds)
         say("SIGTERM edge-agent (closes open chunks, drains uploads)")
         edge_rc = edge.terminate()
+        until = datetime.now(UTC)
         announced = len(edge.events("chunk"))
-        _wait_processed(s3, redis, announced, timeout=120)
+        _wait_processed(s3, redis, announced, edge, cloud, t0, timeout=120)
         say("waiting for the last scene windows to close and be handed off")
         _wait_windows(redis, timeout=90)
         say("SIGTERM cloud-ingest (finishes in-flight chunks, acks)")
         cloud_rc = cloud.terminate()
-        return summary(work, edge, cloud, s3, redis, edge_rc, cloud_rc)
+        got = asyncio.run(collect(redis.url, s3.endpoint, "processed"))
+        rc, lines = summary(work, edge, cloud, got, edge_rc, cloud_rc)
+        say("auditing coverage (cloud-ingest coverage) and writing the report")
+        # From the first chunk to the last: the seconds before any camera's first frame
+        # (the stack starting) are no camera's to explain.
+        starts = [r["manifest"]["start_time"] for r in got.records]
+        ends = [r["manifest"]["end_time"] for r in got.records]
+        if starts:
+            since, until = datetime.fromisoformat(min(starts)), datetime.fromisoformat(max(ends))
+        doc = coverage(env, SITE, since, until, work / "coverage.png")
+        page = report.write(
+            work,
+            report.ReportInput(
+                title=f"make demo: {work.name} ({seconds:.0f} s, {len(cams)} cameras)",
+                summary=lines,
+                records=got.records,
+                windows=got.windows,
+                coverage=doc,
+                coverage_png=work / "coverage.png",
+            ),
+        )
+        print(f"report: {page}")
+        return rc
 
 
-def _watch(edge: Daemon, cloud: Daemon, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
+def progress(t0: float, edge: Daemon, cloud: Daemon) -> str:
+    """One line: chunks announced (the edge's log) and processed (the cloud's) per camera."""
+
+    def per_camera(events: list[dict[str, Any]], outcome: str) -> str:
+        counts = Counter(e["camera_id"] for e in events if e.get("outcome") == outcome)
+        return " ".join(f"{c}={n}" for c, n in sorted(counts.items())) or "none"
+
+    return (
+        f"t={time.monotonic() - t0:.0f}s announced {per_camera(edge.events('chunk'), 'announced')}"
+        f" processed {per_camera(cloud.events('chunk'), 'processed')}"
+    )
+
+
+def _watch(edge: Daemon, cloud: Daemon, t0: float, seconds: float) -> None:
+    deadline = t0 + seconds
     while time.monotonic() < deadline:
         if not edge.running() or not cloud.running():
             say("a daemon exited early; see its log")
             return
-        time.sleep(min(10.0, max(0.1, deadline - time.monotonic())))
-        say(f"  {len(edge.events('chunk'))} chunks announced so far")
+        time.sleep(min(PROGRESS_S, max(0.1, deadline - time.monotonic())))
+        say(progress(t0, edge, cloud))
 
 
-def _wait_processed(s3: SeaweedS3, redis: RedisServer, announced: int, timeout: float) -> None:
+def _wait_processed(
+    s3: SeaweedS3,
+    redis: RedisServer,
+    announced: int,
+    edge: Daemon,
+    cloud: Daemon,
+    t0: float,
+    timeout: float,
+) -> None:
     deadline = time.monotonic() + timeout
+    said = time.monotonic()
     while time.monotonic() < deadline:
         q = asyncio.run(queue(redis))
         if len(asyncio.run(processed(s3))) + q["dlq"] >= announced and q["pending"] == 0:
             return
+        if time.monotonic() - said >= PROGRESS_S:
+            said = time.monotonic()
+            say(progress(t0, edge, cloud))
         time.sleep(1)
 
 
@@ -188,39 +246,119 @@ def _wait_windows(redis: RedisServer, timeout: float) -> None:
         time.sleep(1)
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What the run left behind: the done records, the queue, the windows handed off."""
+
+    records: list[dict[str, Any]]
+    queue: dict[str, Any]
+    windows: list[report.Window]
 
 
-def summary(
-    work: Path,
+async def collect(
+    redis_url: str,
+    s3_endpoint: str,
+    bucket: str,
+    stream: str = "chunks",
+    group: str = "ingest",
+    windows_stream: str = "windows.closed",
+) -> Collected:
+    """The records from the output bucket, the queue's state, and every window revision
+    from the hand-off's stream sink (INGEST_HANDOFF_STREAM) with its MCAP's size."""
+    client = aioredis.from_url(redis_url)
+    try:
+        st = await status(client, stream, group)
+        entries: Any = await client.xrange(windows_stream)
+    finally:
+        await client.aclose()
+    async with S3(s3_endpoint) as s3:
+        records = await s3.records(bucket)
+        windows = []
+        for _, fields in entries:
+            doc = json.loads(fields[b"window"])
+            windows.append(
+                report.Window(
+                    revision_id=doc["revision_id"],
+                    closed_because=doc["closed_because"],
+                    start=int(doc["start"]),
+                    end=int(doc["end"]),
+                    mcap_key=doc["mcap_key"],
+                    mcap_bytes=await _size(s3, bucket, doc["mcap_key"]),
+                    cameras={
+                        c["camera_id"]: {
+                            k: float(c[k])
+                            for k in ("accepted_s", "rejected_s", "gap_s", "unexplained_s")
+                        }
+                        for c in doc["cameras"]
+                    },
+                )
+            )
+    queue = {"length": st.length, "pending": st.pending, "dlq": st.dlq}
+    return Collected(records, queue, sorted(windows, key=lambda w: w.revision_id))
+
+
+async def _size(s3: S3, bucket: str, key: str) -> int | None:
+    try:
+        head = await s3.client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    return int(head["ContentLength"])
+
+
+def coverage(
+    env: dict[str, str], site: str, since: datetime, until: datetime, png: Path
+) -> dict[str, Any]:
+    """``cloud-ingest coverage --json --plot``: the audit's document; the timeline in ``png``."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloud_ingest",
+            "coverage",
+            "--site",
+            site,
+            "--since",
+            since.isoformat(),
+            "--until",
+            until.isoformat(),
+            "--json",
+            "--plot",
+            str(png),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"cloud-ingest coverage exited {result.returncode}: {result.stderr}")
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def summary_lines(
     edge: Daemon,
     cloud: Daemon,
-    s3: SeaweedS3,
-    redis: RedisServer,
+    records: list[dict[str, Any]],
+    q: dict[str, Any],
     edge_rc: int,
     cloud_rc: int,
-) -> int:
+) -> tuple[list[tuple[str, Any]], bool]:
+    """The summary's lines, and whether every captured chunk was processed."""
     stopped = (edge.events("agent.stopped") or [{}])[-1]
     chunks = [c for c in edge.events("chunk") if c.get("outcome") == "announced"]
-    records = asyncio.run(processed(s3))
-    q = asyncio.run(queue(redis))
+    lat = report.latencies(records)
     edge_lat = [c["latency_s"] for c in chunks]
-    e2e = [
-        (
-            datetime.fromisoformat(r["processed_at"])
-            - datetime.fromisoformat(r["manifest"]["end_time"].replace("Z", "+00:00"))
-        ).total_seconds()
-        for r in records
-    ]
+    e2e = lat[report.CLOSED_PROCESSED]
     gaps = [c for c in chunks if c["discontinuity"]]
     accepted = [r for r in records if r["status"] == "accepted"]
     rejected = Counter(r["reason"] for r in records if r["status"] == "rejected")
     captured = stopped.get("chunks_written", 0)
-    lines = [
+    pct = report.percentile
+    lines: list[tuple[str, Any]] = [
         ("chunks captured", captured),
         ("chunks uploaded", stopped.get("chunks_uploaded", 0)),
         ("chunks announced", stopped.get("chunks_announced", 0)),
@@ -240,16 +378,16 @@ def summary(
         ("gaps flagged", len(gaps)),
         (
             "chunk closed → announced p50/p99 s",
-            f"{_pct(edge_lat, 0.5):.3f} / {_pct(edge_lat, 0.99):.3f}",
+            f"{pct(edge_lat, 0.5):.3f} / {pct(edge_lat, 0.99):.3f}",
         ),
-        ("chunk closed → processed p50/p99 s", f"{_pct(e2e, 0.5):.3f} / {_pct(e2e, 0.99):.3f}"),
+        ("chunk closed → processed p50/p99 s", f"{pct(e2e, 0.5):.3f} / {pct(e2e, 0.99):.3f}"),
         (
             "mean chunk media length s",
             f"{statistics.fmean([c['media_s'] for c in chunks] or [0]):.2f}",
         ),
         ("exit codes edge / cloud", f"{edge_rc} / {cloud_rc}"),
     ]
-    closed = sorted(cloud.events("window.closed"), key=lambda e: (e["window_id"], e["revision"]))
+    closed = _closed(cloud)
     mcaps = {e["revision_id"]: e for e in cloud.events("window.mcap")}
     because = Counter(e["closed_because"] for e in closed)
     lines += [
@@ -258,16 +396,6 @@ def summary(
         ("  revisions after the first", sum(1 for e in closed if e["revision"] > 1)),
         ("  MCAPs written (bytes, write s)", len(mcaps)),
     ]
-    print("\n=== demo summary ===")
-    for name, value in lines:
-        print(f"{name:<38} {value}")
-    for e in closed:
-        rid = f"{e['window_id']}-r{e['revision']}"
-        m = mcaps.get(rid, {})
-        print(
-            f"  window {rid:<28} {e['closed_because']:<8} {e['mcap_key']}"
-            f"  {m.get('bytes', '?')} B  {m.get('write_s', '?')} s"
-        )
     ok = (
         captured > 0
         and bool(closed)
@@ -278,12 +406,36 @@ def summary(
         and edge_rc == 0
         and cloud_rc == 0
     )
+    return lines, ok
+
+
+def _closed(cloud: Daemon) -> list[dict[str, Any]]:
+    return sorted(cloud.events("window.closed"), key=lambda e: (e["window_id"], e["revision"]))
+
+
+def summary(
+    work: Path, edge: Daemon, cloud: Daemon, got: Collected, edge_rc: int, cloud_rc: int
+) -> tuple[int, list[tuple[str, Any]]]:
+    """Prints the summary; returns the exit status (0: every captured chunk was processed)
+    and the summary's lines."""
+    lines, ok = summary_lines(edge, cloud, got.records, got.queue, edge_rc, cloud_rc)
+    mcaps = {e["revision_id"]: e for e in cloud.events("window.mcap")}
+    print("\n=== demo summary ===")
+    for name, value in lines:
+        print(f"{name:<38} {value}")
+    for e in _closed(cloud):
+        rid = f"{e['window_id']}-r{e['revision']}"
+        m = mcaps.get(rid, {})
+        print(
+            f"  window {rid:<28} {e['closed_because']:<8} {e['mcap_key']}"
+            f"  {m.get('bytes', '?')} B  {m.get('write_s', '?')} s"
+        )
     print(
         "result: "
         + ("every captured chunk was processed" if ok else "NOT every chunk was processed")
     )
     print(f"logs: {work}/edge-agent.log, {work}/cloud-ingest.log")
-    return 0 if ok else 1
+    return (0 if ok else 1), lines
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)  # tests/
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool check metrics
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/test_report.py opens the demo's report
 if ! /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import GstRtspServer' >/dev/null 2>&1 \
    || ! gst-inspect-1.0 x264enc >/dev/null 2>&1 || ! gst-inspect-1.0 rtph264pay >/dev/null 2>&1; then
   missing+=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-tools
