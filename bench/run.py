@@ -35,6 +35,7 @@ BENCHES = [
     "window_mcap",
     "redis_wait",
     "scaling",
+    "coverage_audit",
 ]
 
 
