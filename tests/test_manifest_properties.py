@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.manifest import (
-    MAX_MANIFEST_BYTES,
     GAP_CAUSES,
+    MAX_MANIFEST_BYTES,
     Manifest,
     Rejected,
     SigningKey,
