@@ -72,7 +72,7 @@ class EdgeSettings(RedisConnection, BaseSettings):
     stream: str = Field(default="chunks", min_length=1, max_length=200)
     # The manifest schema this agent writes: pin 1 while some consumer still reads only
     # version 1 (a version 1 manifest declares gaps without their cause).
-    manifest_schema_version: Literal[1, 2] = SCHEMA_VERSION
+    manifest_schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     signing_key_id: Ident = "edge"
     signing_key: SecretStr | None = None
     signing_key_file: Path | None = None

@@ -40,6 +40,7 @@ def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
         ({"EDGE_S3_BUCKET": ""}, "EDGE_S3_BUCKET"),
         ({"EDGE_SIGNING_KEY": ""}, "EDGE_SIGNING_KEY"),
         ({"EDGE_SPOOL_MAX_BYTES": "lots"}, "EDGE_SPOOL_MAX_BYTES"),
+        ({"EDGE_MANIFEST_SCHEMA_VERSION": "3"}, "EDGE_MANIFEST_SCHEMA_VERSION"),
     ],
 )
 def test_config_edge_check_config_names_the_bad_variable(
@@ -51,6 +52,15 @@ def test_config_edge_check_config_names_the_bad_variable(
     result = run([str(BIN / "edge-agent"), "check-config", "--offline"], env)
     assert result.returncode == 78, result.stderr
     assert variable in result.stderr
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_config_edge_manifest_schema_version_pins_from_the_environment(version: str) -> None:
+    """As an operator sets it in the unit's environment file: a string."""
+    env = {**GOOD_EDGE, "EDGE_MANIFEST_SCHEMA_VERSION": version}
+    result = run([str(BIN / "edge-agent"), "check-config", "--offline"], env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["manifest_schema_version"] == int(version)
 
 
 def test_config_edge_run_exits_78_on_bad_config() -> None:

@@ -244,21 +244,37 @@ async def _announced(client: aioredis.Redis, camera: str) -> list[dict[str, Any]
 async def test_coverage_accounts_for_every_second_through_kill9_outage_and_eviction(
     tmp_path: Path, ray_address: str
 ) -> None:
+    """cam1 and cam2 on an agent that is killed -9 and restarted; cam3 on an agent not
+    upgraded yet (EDGE_MANIFEST_SCHEMA_VERSION=1: gaps without causes). All three cameras
+    go out (the RTSP server killed and started again), then S3 goes down while the
+    spools are full enough to evict. The audit explains every second of every camera,
+    each gap by the cause its agent gave, and agrees with the agent's own counters."""
     for sub in ("redis", "s3", "rtsp"):
         (tmp_path / sub).mkdir()
     redis = RedisServer(tmp_path / "redis", aof=True)
     redis.start()
     s3 = SeaweedS3(tmp_path / "s3")
     s3.start()
-    rtsp = RtspServer(tmp_path / "rtsp", {"cam1": None, "cam2": None})
+    rtsp = RtspServer(tmp_path / "rtsp", {"cam1": None, "cam2": None, "cam3": None})
     rtsp.start()
+    try:
+        await _live_run(tmp_path, ray_address, redis, s3, rtsp)
+    finally:
+        rtsp.stop()
+        s3.kill()
+        redis.stop()
+
+
+async def _live_run(
+    tmp_path: Path, ray_address: str, redis: RedisServer, s3: SeaweedS3, rtsp: RtspServer
+) -> None:
     stack = Stack(redis.url, s3.endpoint, ray_address, "raw", "out", tmp_path)
     client = aioredis.from_url(redis.url)
     await ensure_group(client, "chunks", "ingest")
     async with S3(s3.endpoint) as helper:
         for b in ("raw", "out"):
             await helper.client.create_bucket(Bucket=b)
-    port = free_port()
+    port, old_port = free_port(), free_port()
     cams = [{"id": c, "url": rtsp.url(c)} for c in ("cam1", "cam2")]
     env = {
         "EDGE_SEGMENT_SECONDS": "1",
@@ -268,36 +284,48 @@ async def test_coverage_accounts_for_every_second_through_kill9_outage_and_evict
         "EDGE_CAMERA_TIMEOUT_S": "2",
         "EDGE_SPOOL_MAX_BYTES": "80000",
     }
+    old_env = {
+        **env,
+        "EDGE_HTTP_BIND": f"127.0.0.1:{old_port}",
+        "EDGE_SPOOL_DIR": str(tmp_path / "old-spool"),
+        "EDGE_MANIFEST_SCHEMA_VERSION": "1",
+    }
+    everyone = ("cam1", "cam2", "cam3")
 
     async def announced(n: int) -> bool:
-        counts = [len(await _announced(client, c)) for c in ("cam1", "cam2")]
+        counts = [len(await _announced(client, c)) for c in everyone]
         return min(counts) >= n
 
-    async def metric(name: str, at_least: float) -> bool:
-        return sum(_samples(await _metrics(port), name).values()) >= at_least
+    async def metric(name: str, at_least: float, on: int = port) -> bool:
+        return sum(_samples(await _metrics(on), name).values()) >= at_least
 
+    old = edge_agent(
+        stack, [{"id": "cam3", "url": rtsp.url("cam3")}], tmp_path / "old.log", **old_env
+    )
     edge = edge_agent(stack, cams, tmp_path / "edge1.log", **env)
     try:
         await eventually(lambda: announced(3), 90, "chunks before the kill")
         edge.kill()  # SIGKILL: the agent's restart is a gap, with its cause
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # the gap itself, not a wait for a condition
         edge = edge_agent(stack, cams, tmp_path / "edge2.log", **env)
         await eventually(lambda: announced(6), 90, "chunks after the restart")
-        rtsp.kill()  # both cameras out
+        rtsp.kill()  # every camera out
         await eventually(
             lambda: metric("edge_agent_camera_errors_total", 2), 60, "the outage to be seen"
         )
         rtsp.start()
         await eventually(lambda: announced(9), 90, "chunks after the outage")
-        s3.kill()  # the spool fills and evicts while S3 is down
-        await eventually(lambda: metric("edge_agent_chunks_evicted_total", 4), 90, "evictions")
+        s3.kill()  # the spools fill and evict while S3 is down
+        evicted = "edge_agent_chunks_evicted_total"
+        await eventually(lambda: metric(evicted, 4), 90, "evictions")
+        await eventually(lambda: metric(evicted, 2, old_port), 90, "evictions (old agent)")
         s3.start()
         await eventually(lambda: announced(14), 120, "the backlog and new chunks")
         edge_metrics = await _metrics(port)
-        assert edge.terminate() == 0
+        assert edge.terminate() == 0 and old.terminate() == 0
     finally:
         edge.kill()
-        rtsp.stop()
+        old.kill()
     cloud = cloud_ingest(
         stack,
         tmp_path / "cloud.log",
@@ -306,7 +334,7 @@ async def test_coverage_accounts_for_every_second_through_kill9_outage_and_evict
         INGEST_HTTP_BIND=f"127.0.0.1:{free_port()}",
     )
     try:
-        streams = {c: await _announced(client, c) for c in ("cam1", "cam2")}
+        streams = {c: await _announced(client, c) for c in everyone}
         total = sum(len(v) for v in streams.values())
 
         async def processed() -> bool:  # acknowledged entries leave the stream
@@ -316,8 +344,14 @@ async def test_coverage_accounts_for_every_second_through_kill9_outage_and_evict
         await eventually(
             lambda: _zero(client.zcard("ingest:cov:dirty")), 60, "the index merged into S3"
         )
+        dead = await client.xlen("chunks:dlq")
     finally:
         cloud.kill()
+        await client.aclose()
+    assert dead == 0  # version 1 and version 2 manifests alike
+    assert {m["schema_version"] for m in streams["cam3"]} == {1}
+    assert all("gap_cause" not in m for m in streams["cam3"])
+    assert {m["schema_version"] for c in ("cam1", "cam2") for m in streams[c]} == {2}
     table = {}
     for camera, ms in streams.items():
         since, until = ms[0]["start_time"], ms[-1]["end_time"]
@@ -343,6 +377,9 @@ async def test_coverage_accounts_for_every_second_through_kill9_outage_and_evict
         assert cam["unexplained_s"] <= 1 / 15, cam["intervals"]  # to one frame interval
         assert cam["pending_s"] == 0 and cam["dead_lettered_s"] == 0
         causes = cam["gaps_by_cause"]
+        if camera == "cam3":  # version 1: the outage has no cause; an eviction is inferred
+            assert set(causes) == {"unspecified", "eviction"}, causes
+            continue
         assert {"agent_restart", "eviction"} <= set(causes), causes
         assert causes.keys() & {"camera_outage", "reconnect"}, causes
         assert "unspecified" not in causes
