@@ -672,8 +672,10 @@ class Consumer:
         pause = min(5.0, max(0.2, self.settings.coverage_flush_s / 4))
         while not await _wait(self._closing, pause):
             try:
-                await index.flush()
-            except Exception as exc:  # S3 or Redis: the hours stay dirty, merged next time
+                _, failed = await index.flush()
+                if failed:
+                    self.tally.inc("coverage_flush_failures", failed)
+            except Exception as exc:  # Redis: the hours stay dirty, merged next time
                 self.tally.inc("coverage_flush_failures")
                 log.warning("coverage.flush_failed", error=repr(exc)[:300])
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterable
@@ -37,6 +38,8 @@ from cloud_ingest.windows import Interval, union
 from shared.keys import (
     COVERAGE_DIRTY,
     MANIFEST_SUFFIX,
+    camera_owner_key,
+    check_location,
     chunk_hour_prefix,
     coverage_hour_key,
     coverage_index_key,
@@ -58,12 +61,13 @@ LOOKAHEAD_HOURS = 48  # how far past the range to look for the chunk that declar
 KINDS = ("accepted", "rejected", "pending", "dead_lettered", "gap", "unexplained")
 PROCESSED = ("accepted", "rejected")
 
-# KEYS: the hour's hash, the dirty set. ARGV: the generation read. Forget the hash and
-# its dirty mark only if nothing was noted since it was read (else: merged next time).
+# KEYS: a lock. ARGV: its holder's token. Released by its holder only.
 UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# KEYS: the hour's hash, the dirty set. ARGV: the generation read. Forget the hash and
+# its dirty mark only if nothing was noted since it was read (else: merged next time).
 SETTLED_SCRIPT = """
 if (redis.call('HGET', KEYS[1], '_gen') or '0') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -103,13 +107,31 @@ def gap_cause_of(m: Manifest) -> str | None:
 
 
 def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """Of two entries for one chunk: a processed verdict over a dead letter (a dead letter
-    requeued and processed), else the later one."""
+    """Of two entries for one chunk, ``new`` the later: a processed verdict over a dead
+    letter (a dead letter requeued and processed), unless the letter is ``forced`` (the
+    chunk has no done record: its verdict was noted, its record never written)."""
     if old is None:
         return new
-    if old["kind"] in PROCESSED and new["kind"] not in PROCESSED:
+    if old["kind"] in PROCESSED and new["kind"] not in PROCESSED and not new.get("forced"):
         return old
     return new
+
+
+def valid_entry(e: Any) -> bool:
+    """An entry the audit can use (an index object is ours, but S3 is not only ours)."""
+    try:
+        start, end = float(e["start"]), float(e["end"])
+        gap = float(e.get("gap_before_s") or 0.0)
+        return (
+            e["kind"] in KINDS
+            and math.isfinite(start)
+            and math.isfinite(end)
+            and math.isfinite(gap)
+            and gap >= 0
+            and isinstance(e["chunk_id"], str)
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 # -- the index, kept by the consumers --------------------------------------------------
@@ -127,7 +149,10 @@ class Index:
         """Index a chunk processed (``kind`` accepted or rejected) or dead-lettered (over
         an earlier verdict only with ``force``: one whose record was never written)."""
         key = coverage_hour_key(m.site_id, m.camera_id, m.start_time)
-        body = json.dumps(entry_of(m, kind, reason), sort_keys=True, allow_nan=False)
+        entry = entry_of(m, kind, reason)
+        if force:
+            entry["forced"] = True
+        body = json.dumps(entry, sort_keys=True, allow_nan=False)
         async with self.redis.pipeline(transaction=True) as pipe:
             if kind in PROCESSED or force:
                 pipe.hset(key, m.chunk_id, body)
@@ -138,13 +163,13 @@ class Index:
             pipe.zadd(COVERAGE_DIRTY, {key: time.time()}, nx=True)
             await pipe.execute()
 
-    async def flush(self, limit: int = 20) -> int:
-        """Merge camera-hours noted at least INGEST_COVERAGE_FLUSH_S ago into S3. An hour
-        that fails is tried again a flush period later, behind the others."""
+    async def flush(self, limit: int = 20) -> tuple[int, int]:
+        """Merge camera-hours noted at least INGEST_COVERAGE_FLUSH_S ago into S3: (merged,
+        failed). An hour that fails is tried again a flush period later, behind the others."""
         due: Any = await self.redis.zrangebyscore(
             COVERAGE_DIRTY, "-inf", time.time() - self.settings.coverage_flush_s, 0, limit
         )
-        merged = 0
+        merged = failed = 0
         for raw in due:
             key = raw.decode()
             lock, token = f"ingest:lock:{key}", uuid.uuid4().hex
@@ -156,11 +181,12 @@ class Index:
                 async with asyncio.timeout(MERGE_LOCK_S / 2):
                     merged += await self._merge(key)
             except Exception as exc:  # this hour's (a refusal, a bad object): not the others'
+                failed += 1
                 log.warning("coverage.merge_failed", hour=key, error=repr(exc)[:300])
                 await self.redis.zadd(COVERAGE_DIRTY, {key: time.time()}, xx=True)
             finally:
                 await self.redis.eval(UNLOCK_SCRIPT, 1, lock, token)
-        return merged
+        return merged, failed
 
     async def _merge(self, key: str) -> int:
         _, _, site, camera, stamp = key.split(":")
@@ -176,7 +202,8 @@ class Index:
         def build() -> bytes:  # an hour of a camera is thousands of entries: off the loop
             for value in fields.values():
                 new = json.loads(value)
-                entries[new["chunk_id"]] = merge(entries.get(new["chunk_id"]), new)
+                if valid_entry(new):
+                    entries[new["chunk_id"]] = merge(entries.get(new["chunk_id"]), new)
             doc = {"site_id": site, "camera_id": camera, "hour": hour.isoformat()}
             return json.dumps({**doc, "entries": entries}, sort_keys=True).encode()
 
@@ -192,20 +219,28 @@ class Index:
 
 
 async def read_index(s3: Any, bucket: str, key: str) -> dict[str, dict[str, Any]]:
+    """A camera-hour's index entries by chunk id; {} for none, or for an object that is
+    not an index (logged): the audit then reads the hour's manifests instead, and the
+    next merge writes the hour anew from what it has. Entries it cannot use are dropped."""
     try:
         raw = await get_bounded(s3, bucket, key, MAX_INDEX_BYTES)
     except ClientError as exc:
         if is_not_found(exc):
             return {}
         raise
+    except SizeError as exc:
+        log.error("coverage.bad_index", key=key, error=str(exc)[:200])
+        return {}
     try:
         doc = await asyncio.to_thread(json.loads, raw)
-        return {str(k): dict(v) for k, v in doc["entries"].items()}
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        # Not an index we wrote: the audit reads the hour's manifests instead, and the
-        # next merge writes the hour anew from what it has.
+        entries = {str(k): v for k, v in doc["entries"].items()}
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         log.error("coverage.bad_index", key=key, error=repr(exc)[:200])
         return {}
+    good = {k: v for k, v in entries.items() if valid_entry(v)}
+    if len(good) < len(entries):
+        log.error("coverage.bad_index_entries", key=key, dropped=len(entries) - len(good))
+    return good
 
 
 # -- the audit --------------------------------------------------------------------------
@@ -270,8 +305,13 @@ class Auditor:
                 self._listing(site, camera, hour), self._indexed(site, camera, hour)
             )
         known = {e.get("key") for e in indexed.values()}
+        seqs = {e.get("seq") for e in indexed.values() if not e.get("key")}  # older entries
         out = list(indexed.values())
-        unknown = [(chunk, mkey) for chunk, mkey in listed.items() if chunk not in known]
+        unknown = [
+            (chunk, mkey)
+            for chunk, mkey in listed.items()
+            if chunk not in known and seq_of_chunk_key(chunk) not in seqs
+        ]
         found = await asyncio.gather(
             *(self._from_manifest(mkey, site, camera) for _, mkey in unknown)
         )
@@ -286,8 +326,10 @@ class Auditor:
         okey = coverage_index_key(self.settings.output_prefix, site, camera, hour)
         entries = await read_index(self.s3, self.settings.output_bucket, okey)
         for name, value in fresh.items():
-            if name != b"_gen":
-                new = json.loads(value)
+            if name == b"_gen":
+                continue
+            new = json.loads(value)
+            if valid_entry(new):
                 entries[new["chunk_id"]] = merge(entries.get(new["chunk_id"]), new)
         return entries
 
@@ -307,6 +349,18 @@ class Auditor:
                     out.setdefault(key, "")  # an upload its edge has not announced (yet)
         return out
 
+    async def _speaks_for(self, m: Manifest, key: str, site: str, camera: str) -> bool:
+        """What the consumers check before they believe a manifest: it lies where its own
+        fields put it, and its device owns the camera (once an owner is known)."""
+        try:
+            check_location(m, self.settings.raw_bucket, self.settings.raw_prefix)
+        except Rejected:
+            return False
+        if (m.key + MANIFEST_SUFFIX, m.site_id, m.camera_id) != (key, site, camera):
+            return False
+        owner: Any = await self.redis.get(camera_owner_key(site, camera))
+        return owner is None or bytes(owner).decode() == m.device_id
+
     async def _from_manifest(self, key: str, site: str, camera: str) -> dict[str, Any] | None:
         if not key:
             return {"_source": "unannounced"}
@@ -322,9 +376,8 @@ class Auditor:
                 # no evidence of anything, counted so that an operator sees it.
                 log.warning("coverage.unverified_manifest", key=key, error=str(exc)[:200])
                 return {"_source": "unverified"}
-            where = (m.bucket, m.key + MANIFEST_SUFFIX, m.site_id, m.camera_id)
-            if where != (self.settings.raw_bucket, key, site, camera):
-                return {"_source": "unverified"}  # a manifest copied to another place
+            if not await self._speaks_for(m, key, site, camera):
+                return {"_source": "unverified"}
             record = await get_json(
                 self.s3,
                 self.settings.output_bucket,
@@ -333,6 +386,8 @@ class Auditor:
             )
         if record is None:
             kind, reason = "pending", None
+        elif record.get("manifest") != m.model_dump(mode="json"):
+            return {"_source": "unverified"}  # another manifest for the chunk: a replay
         else:
             kind, reason = str(record["status"]), record.get("reason")
         return {**entry_of(m, kind, reason), "_source": "manifest"}

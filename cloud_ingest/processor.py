@@ -30,7 +30,7 @@ from cloud_ingest.totals import Tally
 from cloud_ingest.windows import Windows
 from shared.keys import (
     camera_owner_key,
-    chunk_key,
+    check_location,
     chunk_lock_key,
     readable_object_key,
     recent_hashes_key,
@@ -62,7 +62,8 @@ LOCK_POLL_S = 0.5  # how often a copy waiting for the lock looks again
 MAX_RECORD_BYTES = 1 << 20  # our own done records are a few kB
 SHARE_READABLE_S = 30.0  # how often a consumer names a raw object that read fine
 # Dead letters whose manifest, authentic as it is, says nothing true of its camera's time.
-NOT_EVIDENCE = frozenset({"camera_claimed", "replay", "clock_skew"})
+NOT_EVIDENCE = frozenset({"camera_claimed", "replay"})
+PROBE_S = 10.0  # a dead letter's look for its done record (the letter has moved already)
 
 
 @dataclass(slots=True)
@@ -124,13 +125,7 @@ class ChunkProcessor:
             await self._unlock(entry)
 
     def _check_location(self, m: Manifest) -> None:
-        """Only the configured raw bucket, only the key the manifest's own fields derive:
-        a device cannot make the cloud read (or a record point at) anything else."""
-        if m.bucket != self.settings.raw_bucket:
-            raise Rejected("foreign_bucket", f"bucket {m.bucket!r} is not INGEST_RAW_BUCKET")
-        expected = chunk_key(self.settings.raw_prefix, m.site_id, m.camera_id, m.start_time, m.seq)
-        if m.key != expected:
-            raise Rejected("foreign_key", f"key {m.key[:200]!r} is not {expected!r}")
+        check_location(m, self.settings.raw_bucket, self.settings.raw_prefix)
 
     def _check_clock(self, m: Manifest, replayed_at: float | None) -> None:
         """A manifest from the future or from too long ago is a replay or a broken clock.
@@ -246,12 +241,19 @@ class ChunkProcessor:
         except Rejected:
             return
         m = signed.manifest
+        force = False
         try:
-            rkey = record_key(self.settings.output_prefix, m)
-            done = await get_json(self.s3, self.settings.output_bucket, rkey, MAX_RECORD_BYTES)
-            await self.coverage.note(m, "dead_lettered", reason, force=done is None)
-        except (RedisError, ClientError, SizeError, ValueError) as exc:
-            # Not fatal: the audit then reads the chunk's manifest (and calls it pending).
+            async with asyncio.timeout(PROBE_S):
+                rkey = record_key(self.settings.output_prefix, m)
+                record = await get_json(
+                    self.s3, self.settings.output_bucket, rkey, MAX_RECORD_BYTES
+                )
+            force = record is None
+        except Exception as exc:  # the letter has moved: only the index entry is at stake
+            log.warning("coverage.record_check_failed", chunk_id=m.chunk_id, error=repr(exc)[:300])
+        try:
+            await self.coverage.note(m, "dead_lettered", reason, force=force)
+        except Exception as exc:  # the audit then reads its manifest (and calls it pending)
             log.warning("coverage.note_failed", chunk_id=m.chunk_id, error=repr(exc)[:300])
 
     async def _download(self, m: Manifest) -> bytes:

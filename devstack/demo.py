@@ -162,12 +162,12 @@ def run(work: Path, seconds: float) -> int:
         got = asyncio.run(collect(redis.url, s3.endpoint, "processed"))
         rc, lines = summary(work, edge, cloud, got, edge_rc, cloud_rc)
         say("auditing coverage (cloud-ingest coverage) and writing the report")
-        # From the first chunk to the last: the seconds before any camera's first frame
-        # (the stack starting) are no camera's to explain.
-        starts = [r["manifest"]["start_time"] for r in got.records]
-        ends = [r["manifest"]["end_time"] for r in got.records]
+        # From the first chunk of any camera to the last: the stack's own start-up is no
+        # camera's to explain (a camera whose first chunk came later shows that as such).
+        starts = [datetime.fromisoformat(r["manifest"]["start_time"]) for r in got.records]
+        ends = [datetime.fromisoformat(r["manifest"]["end_time"]) for r in got.records]
         if starts:
-            since, until = datetime.fromisoformat(min(starts)), datetime.fromisoformat(max(ends))
+            since, until = min(starts), max(ends)
         doc = coverage(env, SITE, since, until, work / "coverage.png")
         page = report.write(
             work,

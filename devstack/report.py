@@ -198,11 +198,12 @@ def _coverage(doc: dict[str, Any], png: Path) -> str:
                 c["wall_s"],
                 c["accepted_s"],
                 c["rejected_s"],
+                c.get("pending_s", 0.0),
                 c["gap_s"],
                 causes or "—",
                 c["dead_lettered_s"],
                 c["unexplained_s"],
-                c["ratio"],
+                f"{c['ratio']:.2%}",
             )
         )
     head = (
@@ -210,6 +211,7 @@ def _coverage(doc: dict[str, Any], png: Path) -> str:
         "wall s",
         "accepted s",
         "rejected s",
+        "pending s",
         "gap s",
         "gaps by cause",
         "dead-lettered s",
@@ -220,21 +222,22 @@ def _coverage(doc: dict[str, Any], png: Path) -> str:
     for c in doc["cameras"]:
         for i in c["intervals"]:
             if i["kind"] != "accepted":
-                intervals.append(
-                    (c["camera_id"], i["start"], i["end"], i["kind"], i.get("cause") or "—")
-                )
+                why = i.get("cause") or i.get("reason") or "—"
+                intervals.append((c["camera_id"], i["start"], i["end"], i["kind"], why))
     detail = (
         "<details><summary>intervals not accepted</summary>"
-        + _table(("camera", "start", "end", "kind", "cause"), intervals, set())
+        + _table(("camera", "start", "end", "kind", "cause or reason"), intervals, set())
         + "</details>"
         if intervals
         else '<p class="muted">every second audited was accepted footage.</p>'
+        if doc["cameras"]
+        else '<p class="muted">no camera had footage in the range audited.</p>'
     )
     return (
         f"<p>Site <code>{_e(doc['site_id'])}</code>, {_e(doc['since'])} → {_e(doc['until'])}"
         " (<code>cloud-ingest coverage</code>).</p>"
         + _img(png, "per-camera coverage timeline")
-        + _table(head, rows, {1, 2, 3, 4, 6, 7, 8})
+        + _table(head, rows, {1, 2, 3, 4, 5, 7, 8})
         + detail
     )
 

@@ -141,7 +141,9 @@ class CameraWorker:
         try:
             self._pump(source, repair, segmenter)
         finally:
-            segmenter.flush()  # keep what was captured before a stop, an EOF or an error
+            # Keep what was captured before a stop, an EOF or an error, ending it where
+            # its footage ends: a stall before the error is the next connection's gap.
+            segmenter.flush(segmenter.ended())
             # A cause no chunk took (no keyframe came, no room): the next connection's.
             self._next_cause = segmenter.cause or "reconnect"
             log.info(

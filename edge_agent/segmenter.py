@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,7 @@ class Segmenter:
         self.baseline: bytes | None = None  # in-band parameter sets seen so far
         self.params: StreamParams | None = None  # set once they changed
         self.param_changes = 0
+        self.last_at: datetime | None = None  # when the last packet written arrived
 
     def feed(self, pkt: Any, reset: bool = False) -> None:
         """Add a packet (with a DTS). ``reset``: the timeline jumped; close the chunk here."""
@@ -192,6 +193,7 @@ class Segmenter:
             )
             self.cause = None
         w.write(pkt, self.frame_ticks)
+        self.last_at = now or datetime.now(UTC)
 
     def _has_room(self) -> bool:
         if self.room is None or self.room():
@@ -214,6 +216,14 @@ class Segmenter:
             raise ParameterChangeError(f"new parameter sets do not decode: {exc}") from exc
         self.param_changes += 1
         return StreamParams(found, width, height)
+
+    def ended(self) -> datetime:
+        """When the footage of the open chunk ends on the wall clock: a frame after its
+        last packet arrived (not later: a stalled stream's silence is no footage)."""
+        now = datetime.now(UTC)
+        if self.last_at is None:
+            return now
+        return min(now, self.last_at + timedelta(seconds=float(self.frame_ticks * self.time_base)))
 
     def _drift(self, w: _Writer, wall_end: datetime) -> float:
         assert self.origin is not None

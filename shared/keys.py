@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from shared.manifest import Manifest
+from shared.manifest import Manifest, Rejected
 
 
 def _join(prefix: str, *parts: str) -> str:
@@ -45,6 +45,16 @@ def seq_of_chunk_key(key: str) -> int | None:
     """The sequence number in a raw chunk's (or its manifest's) key; None if it has none."""
     found = _SEQ.search(key.rsplit("/", 1)[-1])
     return int(found.group(1)) if found else None
+
+
+def check_location(m: Manifest, raw_bucket: str, raw_prefix: str) -> None:
+    """Only the raw bucket, only the key the manifest's own fields derive: a device cannot
+    make the cloud read (or a record, or the coverage audit, point at) anything else."""
+    if m.bucket != raw_bucket:
+        raise Rejected("foreign_bucket", f"bucket {m.bucket!r} is not INGEST_RAW_BUCKET")
+    expected = chunk_key(raw_prefix, m.site_id, m.camera_id, m.start_time, m.seq)
+    if m.key != expected:
+        raise Rejected("foreign_key", f"key {m.key[:200]!r} is not {expected!r}")
 
 
 MANIFEST_SUFFIX = ".manifest.json"

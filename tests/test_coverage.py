@@ -121,6 +121,10 @@ async def test_coverage_reports_an_undeclared_hole_exactly_and_reads_a_mixed_fle
     await edge.send(
         chunks[0], 8, start_time=start(30), sidecar=True, secret="not-our-key", announce=False
     )
+    # Signed with our key, but not where its own fields put it (a copy, or a device naming
+    # another chunk's key): the consumers refuse it as foreign_key, and so does the audit.
+    foreign = chunk_key("raw", "site-1", "cam1", start(40), 99)
+    await edge.send(chunks[0], 9, start_time=start(45), key=foreign, sidecar=True, announce=False)
     window = ("--site", "site-1", "--since", iso(start(0)), "--until", iso(start(13)))
     doc = coverage(stack, *window)
     cam1, cam2 = by_camera(doc)["cam1"], by_camera(doc)["cam2"]
@@ -134,7 +138,7 @@ async def test_coverage_reports_an_undeclared_hole_exactly_and_reads_a_mixed_fle
         2.0,
     )
     assert cam1["chunks_from_manifests"] == 5 and cam1["chunks_from_index"] == 0
-    assert (cam1["unverified_manifests"], cam1["unannounced_chunks"]) == (2, 1)
+    assert (cam1["unverified_manifests"], cam1["unannounced_chunks"]) == (3, 1)
     # Version 1: the gap is declared, its cause unknown; nothing after 11 s: unexplained.
     assert spans(cam2, "gap") == [(6.0, 9.0, "unspecified")]
     assert spans(cam2, "unexplained") == [(11.0, 13.0, None)]
@@ -205,6 +209,29 @@ async def test_coverage_reports_an_undeclared_hole_exactly_and_reads_a_mixed_fle
         cwd=ROOT,
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coverage_merge_and_entry_rules() -> None:
+    """A verdict outlives a later dead letter (a copy refused afterwards), unless the
+    letter is forced (the chunk's record was never written); a requeued letter that was
+    processed is the verdict again. Entries not fit to count are refused."""
+    from cloud_ingest.coverage import merge, valid_entry
+
+    accepted = {"chunk_id": "a", "kind": "accepted", "start": 0.0, "end": 1.0}
+    letter = {**accepted, "kind": "dead_lettered", "reason": "max_deliveries"}
+    assert merge(accepted, letter) is accepted
+    assert merge(accepted, {**letter, "forced": True})["kind"] == "dead_lettered"
+    assert merge(letter, accepted) is accepted
+    assert valid_entry(accepted)
+    for bad in (
+        {**accepted, "kind": "stolen"},
+        {**accepted, "start": float("nan")},
+        {**accepted, "end": "soon"},
+        {**accepted, "gap_before_s": -1.0},
+        {k: v for k, v in accepted.items() if k != "start"},
+        ["not", "a", "dict"],
+    ):
+        assert not valid_entry(bad), bad
 
 
 # -- a live run -------------------------------------------------------------------------

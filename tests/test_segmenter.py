@@ -101,3 +101,36 @@ def test_segmenter_resolution_change_mid_stream_starts_a_new_chunk(tmp_path: Pat
             frames = list(f.decode(video=0))
         assert len(frames) == c.frame_count
         assert {(fr.width, fr.height) for fr in frames} == {(c.width, c.height)}
+
+
+def test_segmenter_chunks_tile_the_wall_clock_and_a_stall_is_not_footage(
+    clip: Path, tmp_path: Path
+) -> None:
+    """Each cut ends one chunk and starts the next at one instant (nothing between them
+    for the coverage audit to call unexplained). A chunk flushed after its stream went
+    silent ends a frame after its last packet, not when the silence was noticed: the
+    stall is the next connection's declared gap, not footage."""
+    import itertools
+    import threading
+    import time
+    from datetime import UTC, datetime
+
+    from edge_agent.capture import Source, SourceSpec
+    from edge_agent.segmenter import Segmenter
+
+    chunks: list[ClosedChunk] = []
+    source = Source(f"file://{clip}", threading.Event())
+    source.spec = SourceSpec(source.spec.target, {}, realtime=False, loop=False)
+    seg = Segmenter("cam1", source.stream, tmp_path, 2.0, chunks.append, cause="reconnect")
+    for pkt in source.packets():
+        seg.feed(pkt)
+    source.close()
+    time.sleep(0.5)  # the stall itself (what is measured), not a wait for a condition
+    stalled_at = datetime.now(UTC)
+    seg.flush(seg.ended())
+    assert len(chunks) == 3
+    for before, after in itertools.pairwise(chunks):
+        assert after.wall_start == before.wall_end
+    assert (stalled_at - chunks[-1].wall_end).total_seconds() >= 0.4
+    # The connection's cause goes with its first chunk only.
+    assert [c.cause for c in chunks] == ["reconnect", None, None]
