@@ -236,10 +236,17 @@ class SeaweedS3:
     """
 
     def __init__(self, workdir: Path, *, s3_config: Path | None = None) -> None:
+        self.workdir = workdir
+        self.s3_config = s3_config
+        self.started = False
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         self.port = free_port()
         ports = {k: free_port() for k in ("master", "volume", "filer")}
-        self.dir = workdir / f"seaweed-{self.port}"
+        self.dir = self.workdir / f"seaweed-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        s3_config = self.s3_config
         self.server = Server(
             "seaweedfs",
             [
@@ -270,11 +277,22 @@ class SeaweedS3:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
-        self.server.start()
-        try:
-            wait_until(self._answers, timeout, "SeaweedFS S3", self.server.proc)
-        except StartupError as exc:
-            raise StartupError(f"{exc}\n{tail(self.server.log_path)}") from None
+        """Start, or start again on the same ports (after ``kill``). A first start whose
+        ports were taken between choosing and binding them (a free port is only free
+        until someone binds it: any outgoing connection may) tries fresh ones."""
+        for attempt in range(3):
+            self.server.start()
+            try:
+                wait_until(self._answers, timeout, "SeaweedFS S3", self.server.proc)
+            except StartupError as exc:
+                said = tail(self.server.log_path)
+                self.server.kill()
+                if self.started or attempt == 2 or "address already in use" not in said:
+                    raise StartupError(f"{exc}\n{said}") from None
+                self._pick_ports()
+                continue
+            self.started = True
+            return
 
     def _answers(self) -> bool:
         try:
